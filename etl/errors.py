@@ -28,6 +28,9 @@ class ErrorKind(StrEnum):
     INVALID_RESPONSE = "invalid_response"
     API_FAILURE = "api_failure"
     TOO_LARGE = "too_large"
+    # Beyond the contract's list: not a bad response, but still one account failing alone.
+    STORAGE = "storage"  # the database refused this account's data (PostgreSQL and a NUL byte)
+    INTERNAL = "internal"  # a bug in trakt-etl; the log has the traceback
 
 
 class TraktEtlError(Exception):

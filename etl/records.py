@@ -1,4 +1,4 @@
-"""Plain data shared by the pure core: one account's normalized settings and the changes between two.
+"""Plain data of the pure core: an account's normalized settings, and changes between two.
 
 No IO here. The normalizer builds a `Snapshot`, the differ compares two, the history writer stores
 them. Field order in the tuples below is the column order of the history tables.

@@ -1,0 +1,94 @@
+"""Structured logging: structlog configured for JSON lines or a console, with secrets masked.
+
+The event names and keys are an interface (CONTRACT.md, "Logs"). Exceptions are rendered without
+local variables (structlog's stock `dict_tracebacks` would show them, and with them passwords),
+and every string in a line passes the redactor before it is rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from etl.redact import MASK, Redactor, current_account_redactor
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Keys whose values are masked whatever they hold.
+_SECRET_KEYS = ("password", "secret", "token", "api_key", "apikey", "authorization")
+
+
+class _RedactProcessor:
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        account = current_account_redactor()
+        return {
+            key: self._clean(key, value, self._redactor, account)
+            for key, value in event_dict.items()
+        }
+
+    def _clean(self, key: object, value: Any, redactor: Redactor, account: Redactor) -> Any:
+        if isinstance(key, str) and any(word in key.lower() for word in _SECRET_KEYS):
+            return MASK if value not in (None, "") else value
+        if isinstance(value, str):
+            return account.redact(redactor.redact(value))
+        if isinstance(value, Mapping):
+            return {k: self._clean(k, v, redactor, account) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._clean(None, v, redactor, account) for v in value]
+        return value
+
+
+def choose_format(requested: str | None, stream: TextIO) -> str:
+    """JSON unless asked otherwise, console when nobody asked and a person is watching."""
+    if requested:
+        return requested
+    return "console" if stream.isatty() else "json"
+
+
+def configure_logging(
+    *,
+    format: str = "json",
+    level: str = "info",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """Set up structlog for the whole process; call again to change any of it."""
+    out = stream if stream is not None else sys.stderr
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    renderer: Processor
+    if format == "json":
+        exceptions: Processor = structlog.processors.ExceptionRenderer(
+            ExceptionDictTransformer(show_locals=False)
+        )
+        renderer = structlog.processors.JSONRenderer(ensure_ascii=False, default=str)
+    else:
+        exceptions = structlog.processors.format_exc_info
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    structlog.configure(
+        processors=[*shared, exceptions, _RedactProcessor(Redactor(secrets)), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> Any:
+    """The module's logger; events are named ``noun.verb`` (``account.synced``)."""
+    return structlog.get_logger(name)

@@ -1,0 +1,224 @@
+"""Bookkeeping tables: `accounts`, `sync_runs`, `account_syncs` and `raw_payloads`.
+
+Small statements the sync pipeline calls inside its transactions; no decisions are made here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from etl.models import account_syncs, accounts, raw_payloads, sync_runs
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCESS = "success"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    """What the config says of one account, as far as the `accounts` table cares."""
+
+    username: str
+    api_version: int
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunCounts:
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    changed: int = 0
+
+    @property
+    def status(self) -> RunStatus:
+        if self.failed == 0:
+            return RunStatus.SUCCESS
+        return RunStatus.FAILED if self.succeeded == 0 else RunStatus.PARTIAL
+
+
+def sync_accounts(
+    connection: Connection, specs: Iterable[AccountSpec], now: datetime
+) -> dict[str, int]:
+    """Make `accounts` match the config; return every configured username's id.
+
+    Accounts no longer in the config are disabled, never deleted: their history stays, and
+    adding them back resumes it.
+    """
+    wanted = {spec.username: spec for spec in specs}
+    known = {
+        row.username: row
+        for row in connection.execute(
+            select(accounts.c.id, accounts.c.username, accounts.c.api_version, accounts.c.enabled)
+        )
+    }
+    new = [spec for name, spec in wanted.items() if name not in known]
+    if new:
+        connection.execute(
+            insert(accounts),
+            [
+                {
+                    "username": spec.username,
+                    "api_version": spec.api_version,
+                    "enabled": spec.enabled,
+                    "first_seen_at": now,
+                    "consecutive_failures": 0,
+                }
+                for spec in new
+            ],
+        )
+    for name, row in known.items():
+        spec = wanted.get(name)
+        enabled, version = (spec.enabled, spec.api_version) if spec else (False, row.api_version)
+        if (row.enabled, row.api_version) != (enabled, version):
+            connection.execute(
+                update(accounts)
+                .where(accounts.c.id == row.id)
+                .values(enabled=enabled, api_version=version)
+            )
+    ids = dict(connection.execute(select(accounts.c.username, accounts.c.id)).tuples().all())
+    return {name: ids[name] for name in wanted}
+
+
+def abort_dead_runs(connection: Connection, now: datetime) -> list[int]:
+    """Mark runs left `running` by a process that died as `aborted`; return their ids."""
+    dead = list(
+        connection.execute(
+            select(sync_runs.c.id).where(sync_runs.c.status == RunStatus.RUNNING)
+        ).scalars()
+    )
+    if dead:
+        connection.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id.in_(dead))
+            .values(status=RunStatus.ABORTED, finished_at=now)
+        )
+    return dead
+
+
+def start_run(connection: Connection, *, started_at: datetime, trigger: str, total: int) -> int:
+    result = connection.execute(
+        insert(sync_runs).values(
+            started_at=started_at,
+            status=RunStatus.RUNNING,
+            trigger=trigger,
+            accounts_total=total,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def finish_run(
+    connection: Connection,
+    run_id: int,
+    *,
+    finished_at: datetime,
+    counts: RunCounts,
+    status: RunStatus | None = None,
+) -> None:
+    connection.execute(
+        update(sync_runs)
+        .where(sync_runs.c.id == run_id)
+        .values(
+            finished_at=finished_at,
+            status=status or counts.status,
+            accounts_total=counts.total,
+            accounts_succeeded=counts.succeeded,
+            accounts_failed=counts.failed,
+            accounts_changed=counts.changed,
+        )
+    )
+
+
+def latest_payload_sha(connection: Connection, account_id: int) -> str | None:
+    latest = (
+        select(func.max(raw_payloads.c.id)).where(raw_payloads.c.account_id == account_id)
+    ).scalar_subquery()
+    return connection.execute(
+        select(raw_payloads.c.sha256).where(raw_payloads.c.id == latest)
+    ).scalar_one_or_none()
+
+
+def store_payload(
+    connection: Connection,
+    *,
+    account_id: int,
+    run_id: int,
+    fetched_at: datetime,
+    api_version: int,
+    sha256: str,
+    body: str,
+) -> None:
+    connection.execute(
+        insert(raw_payloads).values(
+            account_id=account_id,
+            run_id=run_id,
+            fetched_at=fetched_at,
+            api_version=api_version,
+            sha256=sha256,
+            body=body,
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AccountOutcome:
+    """How one account's sync ended, as `account_syncs` and `accounts` record it."""
+
+    account_id: int
+    started_at: datetime
+    finished_at: datetime
+    ok: bool
+    changed: bool = False
+    http_status: int | None = None
+    error_kind: str | None = None
+    error_message: str | None = None
+    attempts: int = 1
+
+
+def record_outcome(connection: Connection, run_id: int, outcome: AccountOutcome) -> None:
+    connection.execute(
+        insert(account_syncs).values(
+            run_id=run_id,
+            account_id=outcome.account_id,
+            started_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+            status="ok" if outcome.ok else "failed",
+            changed=outcome.changed,
+            http_status=outcome.http_status,
+            error_kind=outcome.error_kind,
+            error_message=outcome.error_message,
+            attempts=outcome.attempts,
+        )
+    )
+    values: dict[str, object] = {
+        "last_attempt_at": outcome.finished_at,
+        "last_status": "ok" if outcome.ok else "failed",
+    }
+    if outcome.ok:
+        values |= {
+            "last_success_at": outcome.finished_at,
+            "last_error": None,
+            "consecutive_failures": 0,
+        }
+    else:
+        values |= {
+            "last_error": outcome.error_message,
+            "consecutive_failures": accounts.c.consecutive_failures + 1,
+        }
+    connection.execute(update(accounts).where(accounts.c.id == outcome.account_id).values(values))

@@ -1,0 +1,1 @@
+"""Alembic migrations of trakt-etl (installed as `etl.migrations`)."""

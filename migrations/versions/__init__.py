@@ -1,0 +1,1 @@
+"""Migration scripts, one per schema change, in a single linear history."""
