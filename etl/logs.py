@@ -44,7 +44,11 @@ class _RedactProcessor:
             return {k: self._clean(k, v, redactor, account) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self._clean(None, v, redactor, account) for v in value]
-        return value
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        # Anything else (an exception, a set, a URL object) would be rendered from its text by
+        # the renderer, after this processor: redact that text now.
+        return self._clean(key, str(value), redactor, account)
 
 
 def choose_format(requested: str | None, stream: TextIO) -> str:

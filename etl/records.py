@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -69,7 +69,8 @@ class ChangeKind(StrEnum):
 def jsonable(value: Value) -> str | int | bool | None:
     """A value as it appears in JSON: datetimes become ISO-8601 UTC strings."""
     if isinstance(value, datetime):
-        return value.isoformat()
+        # The same instant must give the same text (and row_hash) whatever offset it carries.
+        return value.astimezone(UTC).isoformat() if value.tzinfo else value.isoformat()
     return value
 
 

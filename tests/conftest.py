@@ -1,0 +1,142 @@
+"""Shared fixtures: a clean environment, the fake trakt API, and real databases.
+
+Databases: SQLite in a temporary file always; PostgreSQL (127.0.0.1:5432, database per test)
+when the server answers. Locally an absent server skips those tests with the reason; with
+TRAKT_ETL_REQUIRE_SERVERS=1 (set by .ci/run) an absent server fails them instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from etl import db
+from etl.config import Config
+from etl.fakeapi import DEFAULT_API_KEY, FakeTrakt, password_for
+from etl.logs import configure_logging
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TRAKT_ETL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_SERVERS = os.environ.get("TRAKT_ETL_REQUIRE_SERVERS") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The developer's TRAKT_ETL_* variables must not change a test's outcome."""
+    for name in list(os.environ):
+        if name.startswith("TRAKT_ETL_") and name not in (
+            "TRAKT_ETL_REQUIRE_SERVERS",
+            "TRAKT_ETL_TEST_POSTGRES_URL",
+        ):
+            monkeypatch.delenv(name)
+    configure_logging(format="json", level="debug")
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
+@contextmanager
+def json_logs(level: str = "debug") -> Iterator[list[dict[str, Any]]]:
+    """Collect what the real logging pipeline writes, parsed; filled when the block ends."""
+    stream = io.StringIO()
+    events: list[dict[str, Any]] = []
+    configure_logging(format="json", level=level, stream=stream)
+    try:
+        yield events
+    finally:
+        events.extend(json.loads(line) for line in stream.getvalue().splitlines() if line)
+        configure_logging(format="json", level="debug")
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeTrakt]:
+    with FakeTrakt() as fake:
+        yield fake
+
+
+def _server_missing(what: str, error: Exception) -> None:
+    reason = f"{what} is not reachable ({type(error).__name__}); start it to run these tests"
+    if REQUIRE_SERVERS:
+        pytest.fail(f"{reason} — TRAKT_ETL_REQUIRE_SERVERS=1 makes this a failure")
+    pytest.skip(reason)
+
+
+def _postgres_database() -> Iterator[str]:
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"trakt_etl_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        _server_missing("PostgreSQL", exc)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'trakt_etl.db'}"
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ]
+)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each supported kind, in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'trakt_etl.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on a migrated, empty database."""
+    engine = db.make_engine(database_url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+ConfigFactory = Callable[..., Config]
+
+
+@pytest.fixture
+def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
+    """Build a Config for some usernames of the fake API (api overrides as keyword arguments)."""
+
+    def build(usernames: list[str], **api: Any) -> Config:
+        return Config.model_validate(
+            {
+                "database": {"url": database_url},
+                "api": {"base_url": fake_api.base_url, "api_key": DEFAULT_API_KEY, **api},
+                "accounts": [{"username": u, "password": password_for(u)} for u in usernames],
+            }
+        )
+
+    return build
