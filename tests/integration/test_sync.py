@@ -11,9 +11,9 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from etl import models
-from etl.client import TraktClient
-from etl.config import Config
-from etl.fakeapi import FakeTrakt, Fault
+from etl.client import Fetched, TraktClient
+from etl.config import AccountConfig, Config
+from etl.fakeapi import FakeTrakt, Fault, password_for
 from etl.sync import RunSummary, Syncer
 from tests.conftest import ConfigFactory, json_logs
 
@@ -464,3 +464,39 @@ def test_database_rejects_a_naive_timestamp(engine: Engine) -> None:
         )
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(models.sync_runs)).scalar() == 0
+
+
+class _BuggyClient(TraktClient):
+    """Stands in for a bug inside the client: it raises with the password in the message."""
+
+    def fetch(self, account: AccountConfig, version: int) -> Fetched:
+        if account.username == "justin":
+            secret = account.password
+            raise RuntimeError(f"unexpected state for password={secret}")
+        return super().fetch(account, version)
+
+
+def test_bug_inside_the_client__fails_one_account_and_leaks_no_secret(
+    engine: Engine, make_config: ConfigFactory, fake_api: FakeTrakt
+) -> None:
+    """An unexpected exception fails that account as `internal`; secrets stay out of everything."""
+    fake_api.add_account("justin")
+    fake_api.add_account("sean")
+    config = make_config(["justin", "sean"])
+    client = _BuggyClient(config.api)
+
+    with json_logs() as logs:
+        summary = Syncer(engine, config, client).run()
+
+    assert (summary.counts.failed, summary.counts.succeeded) == (1, 1)
+    failure = rows(
+        engine, "SELECT error_kind, error_message FROM account_syncs WHERE status = 'failed'"
+    )[0]
+    assert failure["error_kind"] == "internal"
+    assert "RuntimeError" in failure["error_message"]
+    assert "password=***" in failure["error_message"]
+    internal = [e for e in logs if e["event"] == "account.internal_error"]
+    assert internal[0]["username"] == "justin"
+    assert internal[0]["exception"][0]["exc_type"] == "RuntimeError"  # the traceback is logged
+    assert "locals" not in json.dumps(internal[0]["exception"][0]["frames"])
+    assert password_for("justin") not in json.dumps(logs) + json.dumps(failure)
