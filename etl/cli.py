@@ -114,7 +114,7 @@ def _setup_logging(args: argparse.Namespace, config: Config | None) -> None:
             args.log_format or (settings.format if settings else None), sys.stderr
         ),
         level=args.log_level or (settings.level if settings else "info"),
-        secrets=config.secrets() if config else (),
+        secrets=config.global_secrets() if config else (),
     )
 
 
@@ -131,7 +131,7 @@ def cmd_sync(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
     engine = _prepared_engine(config)
-    client = TraktClient(config.api, redactor=Redactor(config.secrets()))
+    client = TraktClient(config.api, redactor=Redactor(config.global_secrets()))
     try:
         summary = Syncer(engine, config, client).run(trigger="manual", only=args.account)
     finally:

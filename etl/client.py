@@ -10,17 +10,27 @@ into its exception messages.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import requests
+import structlog
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
 
 from etl.config import AccountConfig, ApiConfig
 from etl.errors import ErrorKind, FetchError, InvalidPayloadError
 from etl.normalize import check_v1_envelope, from_v1
+from etl.ratelimit import RequestGate, server_pause
 from etl.records import Snapshot
 from etl.redact import Redactor
+
+log = structlog.get_logger("etl.client")
 
 USER_AGENT = "trakt-etl/0.1 (+https://github.com/trakt-etl)"
 _CHUNK = 64 * 1024
@@ -32,6 +42,14 @@ class Request:
     url: str
     json: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    content_type: str
+    body: bytes
+    pause: float | None  # what the server's headers asked us to wait, capped
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,44 +124,130 @@ def _kind_for_status(status: int) -> ErrorKind:
     return ErrorKind.HTTP
 
 
+# Worth another attempt: the server or the network may do better in a moment.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
+_RETRY_KINDS = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECTION})
+
+
+def is_retryable(error: FetchError) -> bool:
+    """Timeouts, resets, 429 and 5xx are retried; 4xx and bad payloads are final."""
+    return error.kind in _RETRY_KINDS or error.http_status in RETRY_STATUSES
+
+
 class TraktClient:
-    """Fetches one account's settings; thread-safe as long as each thread has its own client."""
+    """Fetches one account's settings, with retries, pacing and a size limit.
+
+    Thread-safe: each worker thread gets its own pooled keep-alive session; every attempt,
+    retries included, waits for its turn at the shared `RequestGate`.
+    """
 
     def __init__(
         self,
         api: ApiConfig,
         *,
-        session: requests.Session | None = None,
+        gate: RequestGate | None = None,
         redactor: Redactor | None = None,
+        session_factory: Callable[[], requests.Session] = requests.Session,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._api = api
-        self._session = session or requests.Session()
-        self._session.headers.setdefault("User-Agent", USER_AGENT)
+        self._gate = gate or RequestGate(api.max_requests_per_s)
         self._redactor = redactor or Redactor()
+        self._session_factory = session_factory
+        self._sleep = sleep
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
 
     def close(self) -> None:
-        self._session.close()
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._session_factory()
+            session.headers.setdefault("User-Agent", USER_AGENT)
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
     def fetch(self, account: AccountConfig, version: int) -> Fetched:
-        """The decoded success answer for `account`, or a `FetchError` saying what went wrong."""
-        redactor = self._redactor.with_secrets(account.secrets())
-        try:
-            return self._fetch(account, version)
-        except FetchError as exc:
-            exc.message = redactor.redact(exc.message)
-            exc.args = (f"{exc.kind}: {exc.message}",)
-            raise
+        """The decoded success answer for `account`, or a `FetchError` saying what went wrong.
 
-    def _fetch(self, account: AccountConfig, version: int) -> Fetched:
+        Retries transient failures up to `api.retries` times; the error or the answer records
+        how many attempts it took.
+        """
+        redactor = self._redactor.with_secrets(account.secrets())
+        retrying = Retrying(
+            stop=stop_after_attempt(self._api.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(lambda e: isinstance(e, FetchError) and is_retryable(e)),
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        attempt_number = 0
+        try:
+            for attempt in retrying:
+                with attempt:
+                    attempt_number = attempt.retry_state.attempt_number
+                    fetched = self._fetch_once(account, version)
+                    return replace(fetched, attempts=attempt_number)
+        except FetchError as exc:
+            exc.attempts = attempt_number
+            exc.message = redactor.redact(exc.message)
+            raise
+        raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, or longer if the server asked (capped)."""
+        backoff = wait_exponential_jitter(
+            initial=self._api.backoff_initial_s,
+            max=self._api.backoff_max_s,
+            jitter=self._api.backoff_initial_s,
+        )(state)
+        error = state.outcome.exception() if state.outcome else None
+        asked = error.retry_after if isinstance(error, FetchError) else None
+        if asked is None:
+            return float(backoff)
+        return min(max(float(backoff), asked), self._api.retry_after_max_s)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, FetchError):
+            log.info(
+                "account.retrying",
+                attempt=state.attempt_number,
+                error_kind=str(error.kind),
+                http_status=error.http_status,
+                wait_s=round(state.upcoming_sleep, 3),
+            )
+
+    def _fetch_once(self, account: AccountConfig, version: int) -> Fetched:
         adapter = adapter_for(version)
         request = adapter.request(self._api, account)
-        status, content_type, raw = self._send(request)
-        text = _decode(raw, status)
-        payload = _parse_json(text, status, content_type)
+        answer = self._send(request)
+        status = answer.status
+        retry_after = answer.pause if status in (429, 503) else None
+        try:
+            payload = _parse_json(_decode(answer.body, status), status, answer.content_type)
+        except FetchError as exc:
+            exc.retry_after = retry_after
+            raise
         if status != 200:
             reason = _api_error(payload) if isinstance(payload, Mapping) else "unexpected answer"
             raise FetchError(
-                _kind_for_status(status), f"HTTP {status}: {reason}", http_status=status
+                _kind_for_status(status),
+                f"HTTP {status}: {reason}",
+                http_status=status,
+                retry_after=retry_after,
             )
         try:
             checked = adapter.check(payload, account.username)
@@ -152,12 +256,16 @@ class TraktClient:
         except FetchError as exc:
             exc.http_status = status
             raise
-        return Fetched(account.username, version, text, checked, status, attempts=1)
+        return Fetched(
+            account.username, version, answer.body.decode("utf-8"), checked, status, attempts=1
+        )
 
-    def _send(self, request: Request) -> tuple[int, str, bytes]:
+    def _send(self, request: Request) -> _Answer:
+        if not self._gate.wait_turn():
+            raise FetchError(ErrorKind.CONNECTION, "stopped before the request was sent")
         timeout = self._api.timeout_s
         try:
-            response = self._session.request(
+            response = self._session().request(
                 request.method,
                 request.url,
                 json=request.json,
@@ -171,14 +279,18 @@ class TraktClient:
         except requests.RequestException as exc:
             raise FetchError(ErrorKind.CONNECTION, f"connection failed: {exc}") from exc
         with response:
-            if 300 <= response.status_code < 400:
+            status = response.status_code
+            pause = server_pause(response.headers, datetime.now(UTC))
+            if pause is not None:
+                pause = min(pause, self._api.retry_after_max_s)
+                if status == 429 or (status < 300 and pause > 0):
+                    self._gate.pause_for(pause)  # the budget is shared: every worker waits
+            if 300 <= status < 400:
                 raise FetchError(
-                    ErrorKind.HTTP,
-                    f"HTTP {response.status_code}: redirect not followed",
-                    http_status=response.status_code,
+                    ErrorKind.HTTP, f"HTTP {status}: redirect not followed", http_status=status
                 )
             body = self._read_limited(response)
-            return response.status_code, response.headers.get("Content-Type", ""), body
+            return _Answer(status, response.headers.get("Content-Type", ""), body, pause)
 
     def _read_limited(self, response: requests.Response) -> bytes:
         """The body, refusing to hold more than the configured limit in memory."""

@@ -128,6 +128,11 @@ class ApiConfig(_Section, frozen=True):
     concurrency: Annotated[int, Field(ge=1)] = 8
     max_requests_per_s: Annotated[float, Field(gt=0)] = 3.0
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    # Retry pacing: exponential from backoff_initial_s up to backoff_max_s, with jitter; a
+    # server's Retry-After (429, 503) or rate-limit reset is honoured up to retry_after_max_s.
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
+    retry_after_max_s: Annotated[float, Field(ge=0)] = 60.0
 
     _blank_secrets = field_validator("api_key", "client_secret", mode="before")(_blank_to_none)
     _version_text = field_validator("version", mode="before")(_version_from_text)
@@ -303,13 +308,19 @@ class Config(_Section, frozen=True):
     def enabled_accounts(self) -> list[AccountConfig]:
         return [account for account in self.accounts if account.enabled]
 
-    def secrets(self) -> set[str]:
-        """Every non-empty secret: the api key, the client secret, the database password and
-        every account's secrets. Logging redacts these; no table or message may hold one."""
+    def global_secrets(self) -> set[str]:
+        """The secrets not tied to one account: the api key, the client secret, the database
+        password. Cheap to check on every log line, unlike the accounts' secrets."""
         found = {value for value in (self.api.api_key, self.api.client_secret) if value}
         database_password = self.database.password()
         if database_password:
             found.add(database_password)
+        return found
+
+    def secrets(self) -> set[str]:
+        """Every non-empty secret: the api key, the client secret, the database password and
+        every account's secrets. Logging redacts these; no table or message may hold one."""
+        found = self.global_secrets()
         for account in self.accounts:
             found |= account.secrets()
         return found

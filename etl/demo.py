@@ -31,7 +31,8 @@ def demo_config(base_url: str, database_url: str) -> Config:
     return Config.model_validate(
         {
             "database": {"url": database_url, "auto_migrate": True},
-            "api": {"base_url": base_url, "api_key": DEFAULT_API_KEY, "version": 1},
+            # The fake API is on this machine: no need for the production pace.
+            "api": {"base_url": base_url, "api_key": DEFAULT_API_KEY, "max_requests_per_s": 1000},
             "accounts": [{"username": u, "password": password_for(u)} for u in DEMO_USERS],
         }
     )
@@ -59,7 +60,7 @@ def run_demo(path: str, out: TextIO) -> ExitCode:
         config = demo_config(fake.base_url, f"sqlite:///{database}")
         engine = db.make_engine(config.database.url)
         db.upgrade(engine)
-        client = TraktClient(config.api, redactor=Redactor(config.secrets()))
+        client = TraktClient(config.api, redactor=Redactor(config.global_secrets()))
         try:
             syncer = Syncer(engine, config, client)
             first = syncer.run()

@@ -79,12 +79,17 @@ class FetchError(TraktEtlError):
         *,
         http_status: int | None = None,
         attempts: int = 1,
+        retry_after: float | None = None,
     ) -> None:
         self.kind = kind
         self.message = message
         self.http_status = http_status
         self.attempts = attempts
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
         super().__init__(f"{kind}: {message}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
 
 
 class InvalidPayloadError(TraktEtlError):

@@ -8,8 +8,10 @@ clock is read once per run: that `as_of` becomes every new row's valid_from.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +27,7 @@ from etl.diff import diff_rows
 from etl.errors import DatabaseError, ErrorKind, FetchError, InvalidPayloadError, UsageError
 from etl.history import load_current, write_history
 from etl.records import Change, Snapshot
-from etl.redact import Redactor, account_secrets
+from etl.redact import Redactor, account_secrets, current_account_redactor
 
 log = structlog.get_logger("etl.sync")
 
@@ -37,16 +39,29 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
-class AccountResult:
-    username: str
-    ok: bool
-    changes: tuple[Change, ...] = ()
-    error: FetchError | None = None
-    unknown_paths: tuple[str, ...] = ()
+class Attempt:
+    """What a fetch worker hands the writer for one account: the answer or the failure."""
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.changes)
+    account: AccountConfig
+    started_at: datetime
+    started: float  # monotonic, for duration_ms
+    fetched: Fetched | None = None
+    snapshot: Snapshot | None = None
+    error: FetchError | None = None
+
+
+@dataclass(slots=True)
+class Tally:
+    """The run's running totals; nothing per account is kept, so memory stays flat."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    changed: int = 0
+    drift: set[str] = field(default_factory=set)
+
+    def counts(self) -> runs.RunCounts:
+        return runs.RunCounts(self.total, self.succeeded, self.failed, self.changed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +70,6 @@ class RunSummary:
     status: runs.RunStatus
     counts: runs.RunCounts
     duration_ms: int
-    results: tuple[AccountResult, ...] = field(default=(), repr=False)
 
 
 def select_accounts(config: Config, only: Sequence[str] | None) -> list[AccountConfig]:
@@ -88,7 +102,7 @@ class Syncer:
         self._config = config
         self._client = client
         self._clock = clock
-        self._redactor = Redactor(config.secrets())
+        self._redactor = Redactor(config.global_secrets())
 
     def run(self, *, trigger: str = "manual", only: Sequence[str] | None = None) -> RunSummary:
         """Sync the selected accounts once; database failures raise `DatabaseError`."""
@@ -101,8 +115,47 @@ class Syncer:
             raise DatabaseError(f"cannot start the run: {_db_reason(exc)}") from exc
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             log.info("run.started", accounts=len(targets), trigger=trigger)
-            results = [self._sync_one(run_id, ids[a.username], a, as_of) for a in targets]
-            return self._close_run(run_id, results, started)
+            tally = Tally()
+            for attempt in self._fetch_all(run_id, targets):
+                self._store(run_id, ids[attempt.account.username], attempt, as_of, tally)
+            return self._close_run(run_id, tally, started)
+
+    def _fetch_all(self, run_id: int, targets: Sequence[AccountConfig]) -> Iterator[Attempt]:
+        """Fetch and normalize on `api.concurrency` threads, yielding as answers arrive.
+
+        At most two answers per worker are in flight or waiting, so memory does not grow with
+        the number of accounts; the caller (the one writer) consumes them in completion order.
+        """
+        workers = self._config.api.concurrency
+        pending: set[Future[Attempt]] = set()
+        queue = iter(targets)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+            for account in itertools.islice(queue, 2 * workers):
+                pending.add(pool.submit(self._fetch_one, run_id, account))
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    for account in itertools.islice(queue, 1):
+                        pending.add(pool.submit(self._fetch_one, run_id, account))
+                    yield future.result()
+
+    def _fetch_one(self, run_id: int, account: AccountConfig) -> Attempt:
+        """Runs on a worker thread: the HTTP fetch and the pure normalizing, never the database."""
+        with (
+            structlog.contextvars.bound_contextvars(run_id=run_id, username=account.username),
+            account_secrets(account.secrets()),
+        ):
+            started_at, started = self._clock(), time.monotonic()
+            try:
+                fetched = self._client.fetch(account, self._config.version_of(account))
+                snapshot = _normalize(fetched)
+            except FetchError as error:
+                return Attempt(account, started_at, started, error=error)
+            except Exception as exc:  # a bug must not cost the other accounts their sync
+                log.exception("account.internal_error")
+                internal = FetchError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
+                return Attempt(account, started_at, started, error=internal)
+            return Attempt(account, started_at, started, fetched=fetched, snapshot=snapshot)
 
     def _open_run(
         self, targets: Sequence[AccountConfig], as_of: datetime, trigger: str
@@ -124,42 +177,44 @@ class Syncer:
             )
         return run_id, ids
 
-    def _sync_one(
-        self, run_id: int, account_id: int, account: AccountConfig, as_of: datetime
-    ) -> AccountResult:
+    def _store(
+        self, run_id: int, account_id: int, attempt: Attempt, as_of: datetime, tally: Tally
+    ) -> None:
+        """The writer's part for one account: its transaction, its log lines, the tally."""
+        account = attempt.account
         with (
             structlog.contextvars.bound_contextvars(username=account.username),
             account_secrets(account.secrets()),
         ):
-            started_at, started = self._clock(), time.monotonic()
-            try:
-                fetched = self._client.fetch(account, self._config.version_of(account))
-                snapshot = _normalize(fetched)
-                changes = self._write(run_id, account_id, fetched, snapshot, as_of, started_at)
-            except FetchError as error:
-                self._record_failure(run_id, account_id, started_at, error)
-                return AccountResult(account.username, ok=False, error=error)
-            except DatabaseError:
-                raise
-            except Exception as exc:  # a bug must not cost the other accounts their sync
-                log.exception("account.internal_error")
-                internal = FetchError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
-                self._record_failure(run_id, account_id, started_at, internal)
-                return AccountResult(account.username, ok=False, error=internal)
-            duration_ms = round((time.monotonic() - started) * 1000)
+            tally.total += 1
+            fetched, snapshot, error = attempt.fetched, attempt.snapshot, attempt.error
+            changes: list[Change] = []
+            if error is None and fetched is not None and snapshot is not None:
+                try:
+                    changes = self._write(
+                        run_id, account_id, fetched, snapshot, as_of, attempt.started_at
+                    )
+                except FetchError as storage_error:
+                    error = storage_error
+            if error is not None or fetched is None or snapshot is None:
+                self._record_failure(
+                    run_id,
+                    account_id,
+                    attempt.started_at,
+                    error or FetchError(ErrorKind.INTERNAL, "nothing fetched"),
+                )
+                tally.failed += 1
+                return
+            tally.succeeded += 1
+            tally.changed += bool(changes)
+            tally.drift.update(snapshot.unknown_paths)
             if changes:
                 log.info("account.changed", changes=[c.as_log() for c in changes])
             log.info(
                 "account.synced",
                 changed=bool(changes),
-                duration_ms=duration_ms,
+                duration_ms=round((time.monotonic() - attempt.started) * 1000),
                 attempts=fetched.attempts,
-            )
-            return AccountResult(
-                account.username,
-                ok=True,
-                changes=tuple(changes),
-                unknown_paths=snapshot.unknown_paths,
             )
 
     def _write(
@@ -224,7 +279,7 @@ class Syncer:
     def _record_failure(
         self, run_id: int, account_id: int, started_at: datetime, error: FetchError
     ) -> None:
-        message = self._redactor.redact(error.message)
+        message = current_account_redactor().redact(self._redactor.redact(error.message))
         try:
             with self._engine.begin() as connection:
                 runs.record_outcome(
@@ -251,18 +306,10 @@ class Syncer:
             attempts=error.attempts,
         )
 
-    def _close_run(
-        self, run_id: int, results: Sequence[AccountResult], started: float
-    ) -> RunSummary:
-        drift = sorted({path for result in results for path in result.unknown_paths})
-        if drift:
-            log.warning("schema.drift", paths=drift)
-        counts = runs.RunCounts(
-            total=len(results),
-            succeeded=sum(r.ok for r in results),
-            failed=sum(not r.ok for r in results),
-            changed=sum(r.changed for r in results),
-        )
+    def _close_run(self, run_id: int, tally: Tally, started: float) -> RunSummary:
+        if tally.drift:
+            log.warning("schema.drift", paths=sorted(tally.drift))
+        counts = tally.counts()
         try:
             with self._engine.begin() as connection:
                 runs.finish_run(connection, run_id, finished_at=self._clock(), counts=counts)
@@ -278,7 +325,7 @@ class Syncer:
             changed=counts.changed,
             duration_ms=duration_ms,
         )
-        return RunSummary(run_id, counts.status, counts, duration_ms, tuple(results))
+        return RunSummary(run_id, counts.status, counts, duration_ms)
 
 
 def _normalize(fetched: Fetched) -> Snapshot:

@@ -134,7 +134,15 @@ def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
         return Config.model_validate(
             {
                 "database": {"url": database_url},
-                "api": {"base_url": fake_api.base_url, "api_key": DEFAULT_API_KEY, **api},
+                "api": {
+                    "base_url": fake_api.base_url,
+                    "api_key": DEFAULT_API_KEY,
+                    # The fake is local: no need for the polite production pace.
+                    "max_requests_per_s": 10_000,
+                    "backoff_initial_s": 0.01,
+                    "backoff_max_s": 0.05,
+                    **api,
+                },
                 "accounts": [{"username": u, "password": password_for(u)} for u in usernames],
             }
         )

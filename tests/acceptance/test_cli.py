@@ -47,7 +47,14 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 def base_config(fake: FakeTrakt, db_url: str, users: Sequence[str]) -> dict[str, Any]:
     return {
         "database": {"url": db_url},
-        "api": {"base_url": fake.base_url, "api_key": DEFAULT_API_KEY, "timeout_s": 5},
+        "api": {
+            "base_url": fake.base_url,
+            "api_key": DEFAULT_API_KEY,
+            "timeout_s": 5,
+            "max_requests_per_s": 10_000,
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
+        },
         "logging": {"format": "json"},
         "accounts": [{"username": u, "password": password_for(u)} for u in users],
     }

@@ -1,0 +1,121 @@
+"""Pacing requests to the trakt API: a client-side rate limit shared by all workers, and pauses
+the server asks for (a 429's Retry-After, a rate-limit budget reported as spent).
+
+The limit itself is pyrate-limiter's: at most `limit` requests in any window of `interval`,
+which for ``max_requests_per_s: 20`` means a burst of up to 20 at once and never more than 20 in
+any one second. Reading the server's rate-limit headers is a pure function (`server_pause`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from pyrate_limiter import Limiter, Rate
+
+_BUCKET = "trakt-api"
+
+
+def rate_for(per_second: float) -> Rate:
+    """`per_second` as a whole number of requests per interval (2.5/s → 2 per 800 ms)."""
+    if per_second <= 0:
+        raise ValueError("the rate must be positive")
+    limit = max(1, round(per_second))
+    return Rate(limit, max(1, round(limit / per_second * 1000)))
+
+
+class RequestGate:
+    """Every request waits here for its turn; thread-safe, shared by all fetch workers."""
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.rate = rate_for(per_second)
+        self._limiter = Limiter(self.rate)
+        self._clock = clock
+        self._stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._resume_at = 0.0
+
+    def wait_turn(self) -> bool:
+        """Block until a request may go out; False if the gate was stopped meanwhile."""
+        while True:
+            with self._lock:
+                delay = self._resume_at - self._clock()
+            if delay <= 0:
+                break
+            if self._stop.wait(delay):
+                return False
+        if self._stop.is_set():
+            return False
+        self._limiter.try_acquire(_BUCKET, blocking=True)
+        return not self._stop.is_set()
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold every request for `seconds` (the server said the budget is spent)."""
+        with self._lock:
+            self._resume_at = max(self._resume_at, self._clock() + seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _seconds_until(value: str, now: datetime) -> float | None:
+    """A delay given as seconds, a unix time, an HTTP date or an ISO-8601 time."""
+    value = value.strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None:
+        # Large numbers are absolute unix times (X-RateLimit-Reset), small ones are seconds.
+        return number - now.timestamp() if number > 1e9 else number
+    for parse in (parsedate_to_datetime, datetime.fromisoformat):
+        try:
+            moment = parse(
+                value.replace("Z", "+00:00") if parse is datetime.fromisoformat else value
+            )
+        except (TypeError, ValueError, IndexError):
+            continue
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return (moment - now).total_seconds()
+    return None
+
+
+def server_pause(headers: Mapping[str, str], now: datetime) -> float | None:
+    """How long the server asks us to wait, from its headers; None if it does not say.
+
+    Understood: ``Retry-After`` (seconds or HTTP date), ``X-RateLimit-Remaining: 0`` with
+    ``X-RateLimit-Reset`` (seconds or unix time), and trakt's ``X-Ratelimit`` JSON
+    (``{"remaining": 0, "until": "2026-...Z"}``).
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    waits: list[float] = []
+    if "retry-after" in lowered:
+        wait = _seconds_until(lowered["retry-after"], now)
+        if wait is not None:
+            waits.append(wait)
+    if lowered.get("x-ratelimit-remaining", "").strip() == "0" and "x-ratelimit-reset" in lowered:
+        wait = _seconds_until(lowered["x-ratelimit-reset"], now)
+        if wait is not None:
+            waits.append(wait)
+    trakt = lowered.get("x-ratelimit", "")
+    if trakt.startswith("{"):
+        try:
+            budget = json.loads(trakt)
+        except ValueError:
+            budget = None
+        if isinstance(budget, dict) and budget.get("remaining") == 0 and budget.get("until"):
+            wait = _seconds_until(str(budget["until"]), now)
+            if wait is not None:
+                waits.append(wait)
+    return max(0.0, max(waits)) if waits else None
