@@ -155,6 +155,9 @@ class TraktClient:
         self._redactor = redactor or Redactor()
         self._session_factory = session_factory
         self._sleep = sleep
+        self._backoff = wait_exponential_jitter(
+            multiplier=api.backoff_initial_s, max=api.backoff_max_s, jitter=api.backoff_initial_s
+        )
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._sessions_lock = threading.Lock()
@@ -208,11 +211,7 @@ class TraktClient:
 
     def _wait(self, state: RetryCallState) -> float:
         """Exponential backoff with jitter, or longer if the server asked (capped)."""
-        backoff = wait_exponential_jitter(
-            initial=self._api.backoff_initial_s,
-            max=self._api.backoff_max_s,
-            jitter=self._api.backoff_initial_s,
-        )(state)
+        backoff = self._backoff(state)
         error = state.outcome.exception() if state.outcome else None
         asked = error.retry_after if isinstance(error, FetchError) else None
         if asked is None:

@@ -2,15 +2,17 @@
 
 This module owns the stand-in for api.trakt.tv that the tests, the ``trakt-etl demo`` command and
 the benchmarks talk to. It is a real HTTP/1.1 server (stdlib ``ThreadingHTTPServer`` in a daemon
-thread, bound to 127.0.0.1, keep-alive with Content-Length framing) that:
+thread, bound to 127.0.0.1, keep-alive with Content-Length framing; only ``Fault.huge`` may
+send a chunked body) that:
 
 - serves the v1 account settings payload, exactly in the shape of the seed API page
   (``sample_settings`` makes deterministic, varied accounts; ``"justin"`` is the seed's example);
 - checks the api key path segment and the username / SHA-1 password body as the real API does;
 - lets a test change what an account serves (``set_profile``, ``set_connection``, ...) and
   misbehave on purpose for one account (``inject`` a ``Fault``: an HTTP error, invalid JSON, an
-  HTML error page, an API ``"failure"``, a delay, an empty body), ``times`` requests at a time;
-- counts the requests it receives, per username.
+  HTML error page, an API ``"failure"``, a delay, an empty body, a connection reset, a huge
+  streamed body, a redirect), ``times`` requests at a time, on every ``every``-th request;
+- counts the requests it receives, per username, and records when each one arrived.
 
 Faults are looked up by the username in the request body, before any credential check. Sleeps
 (``latency_s``, fault delays) never hold the state lock, and ``stop()`` returns promptly: sleeping
@@ -22,6 +24,7 @@ requests wake up and have their connection dropped, idle keep-alive connections 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import copy
 import hashlib
@@ -30,10 +33,12 @@ import json
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +48,8 @@ from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "DEFAULT_API_KEY",
+    "HUGE_CHUNK",
+    "HUGE_MIN_BYTES",
     "FakeTrakt",
     "Fault",
     "main",
@@ -57,6 +64,15 @@ MAX_REQUEST_BODY = 1 << 20
 
 _SETTINGS_PATH = re.compile(r"^/account/settings/([^/]+)/?$")
 _SERVE_POLL_S = 0.05
+
+HUGE_CHUNK = 64 * 1024
+"""A ``Fault.huge`` body goes out in pieces of (at most) this many bytes."""
+_HUGE_HEAD = b'{"status":"success","padding":"'
+_HUGE_TAIL = b'"}'
+HUGE_MIN_BYTES = len(_HUGE_HEAD) + len(_HUGE_TAIL)
+"""The smallest ``Fault.huge`` body: ``{"status":"success","padding":""}``."""
+_HUGE_PAD = b"x" * HUGE_CHUNK
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
 
 _SEED_JUSTIN: dict[str, Any] = {
     "profile": {
@@ -244,6 +260,16 @@ class Fault:
     ``body=None`` serves the normal payload, with ``status`` (and ``content_type``) applied only
     when the normal answer is the success payload; ``headers`` are always added. ``times=None``
     applies to every request from now on; ``times=n`` to the next ``n`` requests only.
+
+    ``every=k`` applies the fault only to every ``k``-th request for that username (the 1st,
+    ``k+1``-th, ... counted from the first request it sees at the head of the queue, i.e. the
+    first after ``inject`` when nothing else is queued); the others get normal service, and
+    ``times`` counts only the requests the fault applied to.
+
+    Instead of ``body``, ``reset_connection=True`` reads the request and drops the connection
+    with a TCP reset, and ``stream_bytes=n`` streams an ``n``-byte JSON body in ``HUGE_CHUNK``
+    pieces (``Transfer-Encoding: chunked`` when ``chunked``, else a ``Content-Length``) without
+    ever building it whole. ``delay_s`` is slept first in every case.
     """
 
     status: int = 200
@@ -252,6 +278,10 @@ class Fault:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     times: int | None = None
+    every: int = 1
+    reset_connection: bool = False
+    stream_bytes: int | None = None
+    chunked: bool = True
 
     def __post_init__(self) -> None:
         if not 100 <= self.status <= 599:
@@ -260,6 +290,15 @@ class Fault:
             raise ValueError(f"delay_s must be >= 0, got {self.delay_s}")
         if self.times is not None and self.times < 1:
             raise ValueError(f"times must be None or >= 1, got {self.times}")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.stream_bytes is not None and self.stream_bytes < HUGE_MIN_BYTES:
+            raise ValueError(
+                f"stream_bytes must be None or >= {HUGE_MIN_BYTES}, got {self.stream_bytes}"
+            )
+        answers = (self.body is not None, self.reset_connection, self.stream_bytes is not None)
+        if sum(answers) > 1:
+            raise ValueError("body, reset_connection and stream_bytes are mutually exclusive")
 
     @classmethod
     def http(
@@ -303,6 +342,34 @@ class Fault:
         """A 200 ``application/json`` answer with an empty body."""
         return cls(status=200, body=b"", times=times)
 
+    @classmethod
+    def reset(cls, times: int | None = None) -> Self:
+        """Read the request, then drop the connection with a TCP reset (no answer at all)."""
+        return cls(reset_connection=True, times=times)
+
+    @classmethod
+    def alternating(cls, status: int, every: int = 2, times: int | None = None) -> Self:
+        """``Fault.http(status)`` on requests 1, 1+every, 1+2*every, ...; normal service between."""
+        return cls(status=status, body=_failure_body(f"HTTP {status}"), every=every, times=times)
+
+    @classmethod
+    def huge(cls, size_bytes: int, chunked: bool = True, times: int | None = None) -> Self:
+        """A 200 ``application/json`` body of exactly ``size_bytes``, streamed in 64 KiB pieces.
+
+        The body is ``{"status":"success","padding":"xxx..."}``; ``chunked=True`` sends it with
+        ``Transfer-Encoding: chunked``, ``chunked=False`` with a ``Content-Length``.
+        """
+        return cls(status=200, stream_bytes=size_bytes, chunked=chunked, times=times)
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 302, times: int | None = None) -> Self:
+        """A ``status`` (3xx) answer with a ``Location: location`` header and an empty body."""
+        if not 300 <= status <= 399:
+            raise ValueError(f"a redirect status must be 300..399, got {status}")
+        return cls(
+            status=status, body=b"", content_type="", headers={"Location": location}, times=times
+        )
+
 
 @dataclass
 class _Account:
@@ -314,6 +381,7 @@ class _Account:
 class _QueuedFault:
     fault: Fault
     remaining: int | None
+    seen: int = 0
 
 
 @dataclass
@@ -324,8 +392,37 @@ class _Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Reset:
+    """Drop the connection with a TCP reset instead of answering."""
+
+
+@dataclass
+class _Stream:
+    """A body of ``size`` bytes written piece by piece (see ``_huge_pieces``)."""
+
+    status: int
+    size: int
+    chunked: bool
+    content_type: str
+    headers: dict[str, str]
+
+
 def _failure(status: int, error: str) -> _Response:
     return _Response(status, _failure_body(error))
+
+
+def _huge_pieces(size: int) -> Iterator[bytes]:
+    """``{"status":"success","padding":"x..."}`` of ``size`` bytes, in non-empty pieces."""
+    padding = size - HUGE_MIN_BYTES
+    first = min(padding, HUGE_CHUNK - len(_HUGE_HEAD))
+    yield _HUGE_HEAD + _HUGE_PAD[:first]
+    left = padding - first
+    while left > 0:
+        piece = _HUGE_PAD if left >= HUGE_CHUNK else _HUGE_PAD[:left]
+        yield piece
+        left -= len(piece)
+    yield _HUGE_TAIL
 
 
 class FakeTrakt:
@@ -339,6 +436,9 @@ class FakeTrakt:
         self._faults: dict[str, deque[_QueuedFault]] = {}
         self._counts: dict[str, int] = {}
         self._total = 0
+        # Arrival times (time.monotonic()) of settings POSTs: appended, never sorted or scanned.
+        self._times: array.array[float] = array.array("d")
+        self._user_times: dict[str, array.array[float]] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -480,11 +580,23 @@ class FakeTrakt:
         with self._lock:
             return self._total if username is None else self._counts.get(username, 0)
 
+    def request_times(self, username: str | None = None) -> list[float]:
+        """``time.monotonic()`` at the arrival of each settings POST, in arrival order.
+
+        ``username`` selects the POSTs naming it in their body; None gives every POST to the
+        settings path (bad bodies included). Cleared by ``reset_counts``.
+        """
+        with self._lock:
+            times = self._times if username is None else self._user_times.get(username)
+            return [] if times is None else times.tolist()
+
     def reset_counts(self) -> None:
-        """Set every request count back to zero."""
+        """Set every request count back to zero and forget the request times."""
         with self._lock:
             self._total = 0
             self._counts.clear()
+            self._times = array.array("d")
+            self._user_times.clear()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -558,6 +670,11 @@ class FakeTrakt:
         if not queue:
             return None
         head = queue[0]
+        every = head.fault.every
+        if every > 1:
+            head.seen += 1
+            if (head.seen - 1) % every:
+                return None  # an off request of an every-k fault: normal service
         if head.remaining is not None:
             head.remaining -= 1
             if head.remaining <= 0:
@@ -568,12 +685,14 @@ class FakeTrakt:
 
     def _respond(
         self, method: str, target: str, body: bytes, stopping: threading.Event
-    ) -> _Response | None:
-        """The answer to one request; None drops the connection (the server is stopping)."""
-        latency = self.latency_s
-        if latency > 0 and stopping.wait(latency):
-            return None
-        match = _SETTINGS_PATH.match(urlsplit(target).path)
+    ) -> _Response | _Stream | _Reset | None:
+        """The answer to one request; None drops the connection (the server is stopping).
+
+        The request is counted, timed and matched to its fault on arrival, before
+        ``latency_s``; the sleeps never hold the lock.
+        """
+        path = urlsplit(target).path
+        match = _SETTINGS_PATH.match(path)
         parsed = _parse_json(body)
         username = parsed.get("username") if isinstance(parsed, dict) else None
         if not isinstance(username, str):
@@ -582,15 +701,35 @@ class FakeTrakt:
         with self._lock:
             if method == "POST":
                 self._total += 1
-            if method != "POST" or match is None:
-                return _failure(404, f"not found: {method} {urlsplit(target).path}")
-            if username is not None:
-                self._counts[username] = self._counts.get(username, 0) + 1
-                fault = self._take_fault(username)
+                if match is not None:
+                    arrived = time.monotonic()  # under the lock: the list stays in order
+                    self._times.append(arrived)
+                    if username is not None:
+                        self._counts[username] = self._counts.get(username, 0) + 1
+                        user_times = self._user_times.get(username)
+                        if user_times is None:
+                            user_times = self._user_times[username] = array.array("d")
+                        user_times.append(arrived)
+                        fault = self._take_fault(username)
+        latency = self.latency_s
+        if latency > 0 and stopping.wait(latency):
+            return None
+        if method != "POST" or match is None:
+            return _failure(404, f"not found: {method} {path}")
         if fault is None:
             return self._answer(unquote(match.group(1)), parsed)
         if fault.delay_s > 0 and stopping.wait(fault.delay_s):
             return None
+        if fault.reset_connection:
+            return _Reset()
+        if fault.stream_bytes is not None:
+            return _Stream(
+                fault.status,
+                fault.stream_bytes,
+                fault.chunked,
+                fault.content_type,
+                dict(fault.headers),
+            )
         if fault.body is not None:
             return _Response(fault.status, fault.body, fault.content_type, dict(fault.headers))
         response = self._answer(unquote(match.group(1)), parsed)
@@ -696,8 +835,12 @@ class _Handler(BaseHTTPRequestHandler):
         response = server.fake._respond(self.command, self.path, body, server.stopping)
         if response is None:
             self.close_connection = True
-            return
-        self._send(response)
+        elif isinstance(response, _Reset):
+            self._reset()
+        elif isinstance(response, _Stream):
+            self._stream(response, server.stopping)
+        else:
+            self._send(response)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
 
@@ -738,6 +881,45 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
+
+    def _reset(self) -> None:
+        """Close the connection at once with a TCP reset (SO_LINGER 0), answering nothing."""
+        self.close_connection = True
+        connection = self.connection
+        with contextlib.suppress(OSError):
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        # rfile holds a reference on the socket: close it too, so close() really closes now
+        # (and the server's later shutdown(SHUT_WR) cannot send a FIN first).
+        self.rfile.close()
+        connection.close()
+
+    def _stream(self, stream: _Stream, stopping: threading.Event) -> None:
+        """Write a huge body piece by piece; a client that goes away just ends the connection."""
+        self.send_response(stream.status)
+        if stream.content_type:
+            self.send_header("Content-Type", stream.content_type)
+        if stream.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(stream.size))
+        for name, value in stream.headers.items():
+            self.send_header(name, value)
+        try:
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            for piece in _huge_pieces(stream.size):
+                if stopping.is_set():
+                    self.close_connection = True
+                    return
+                if stream.chunked:
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                else:
+                    self.wfile.write(piece)
+            if stream.chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client closed early (reset, broken pipe) or stop() shut it down
+            self.close_connection = True
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ import requests
 
 from etl.fakeapi import (
     DEFAULT_API_KEY,
+    HUGE_CHUNK,
+    HUGE_MIN_BYTES,
     FakeTrakt,
     Fault,
     password_for,
@@ -409,6 +414,318 @@ def test_stop_is_prompt_while_a_delayed_request_is_in_flight() -> None:
     assert isinstance(outcome[0], requests.ConnectionError)
     with pytest.raises(RuntimeError):
         _ = fake.base_url
+
+
+def settings_url(fake: FakeTrakt) -> str:
+    return f"{fake.base_url}/account/settings/{DEFAULT_API_KEY}"
+
+
+def credentials(username: str) -> dict[str, str]:
+    return {"username": username, "password": sha1_hex(password_for(username))}
+
+
+def is_tcp_reset(exc: BaseException) -> bool:
+    """Whether an ECONNRESET OSError is in exc's args / cause chain (requests nests urllib3's).
+
+    A clean EOF is no match: http.client's RemoteDisconnected is a ConnectionResetError too,
+    but without an errno.
+    """
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, OSError) and item.errno == errno.ECONNRESET:
+            return True
+        if isinstance(item, BaseException):
+            pending.extend(item.args)
+            pending.extend(x for x in (item.__cause__, item.__context__) if x is not None)
+    return False
+
+
+def wait_for_threads(at_most: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > at_most:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_reset_fault_gives_connection_error_with_a_reset(fake: FakeTrakt) -> None:
+    """Fault.reset reads the request and drops the connection: requests.ConnectionError (RST)."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.reset(times=1))
+    with pytest.raises(requests.ConnectionError) as raised:
+        post(fake, "sean")
+    assert is_tcp_reset(raised.value)
+    assert fake.request_count("sean") == 1
+    assert post(fake, "sean").json()["status"] == "success"
+
+
+def test_reset_fault_on_a_kept_alive_session_then_service_resumes(fake: FakeTrakt) -> None:
+    """A reset on a pooled keep-alive connection fails that call only; the session goes on."""
+    fake.add_account("sean")
+    with requests.Session() as session:
+        first = session.post(settings_url(fake), json=credentials("sean"), timeout=5)
+        fake.inject("sean", Fault.reset(times=1))
+        with pytest.raises(requests.ConnectionError):
+            session.post(settings_url(fake), json=credentials("sean"), timeout=5)
+        last = session.post(settings_url(fake), json=credentials("sean"), timeout=5)
+    assert (first.status_code, last.status_code) == (200, 200)
+
+
+def test_alternating_fault_serves_fault_normal_fault_normal(fake: FakeTrakt) -> None:
+    """Fault.alternating(503) fails requests 1, 3, 5, ... and serves the others normally."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.alternating(503))
+    answers = [post(fake, "sean") for _ in range(6)]
+    assert [a.status_code for a in answers] == [503, 200, 503, 200, 503, 200]
+    assert answers[0].json() == {"status": "failure", "error": "HTTP 503"}
+    assert answers[1].json()["message"] == "All settings for sean"
+    assert answers[2].headers["Content-Type"] == "application/json"
+
+
+def test_every_k_counts_from_the_first_request_after_inject(fake: FakeTrakt) -> None:
+    """every=3 applies to requests 1, 4, 7 after inject, whatever came before it."""
+    fake.add_account("sean")
+    post(fake, "sean")
+    fake.inject("sean", Fault.alternating(500, every=3))
+    statuses = [post(fake, "sean").status_code for _ in range(7)]
+    assert statuses == [500, 200, 200, 500, 200, 200, 500]
+
+
+def test_every_k_times_counts_only_the_requests_the_fault_applied_to(fake: FakeTrakt) -> None:
+    """With every=2 and times=2 the fault answers requests 1 and 3, then it is used up."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault(status=429, body=b"{}", every=2, times=2))
+    fake.inject("sean", Fault.http(502, times=1))
+    statuses = [post(fake, "sean").status_code for _ in range(6)]
+    assert statuses == [429, 200, 429, 502, 200, 200]
+
+
+def test_new_fault_arguments_are_validated() -> None:
+    """every < 1, a too small huge body, a non-3xx redirect and mixed answers are refused."""
+    with pytest.raises(ValueError, match="every"):
+        Fault.alternating(503, every=0)
+    with pytest.raises(ValueError, match="stream_bytes"):
+        Fault.huge(HUGE_MIN_BYTES - 1)
+    with pytest.raises(ValueError, match="redirect"):
+        Fault.redirect("/elsewhere", status=200)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        Fault(body=b"", reset_connection=True)
+    assert Fault.huge(HUGE_MIN_BYTES).stream_bytes == HUGE_MIN_BYTES
+
+
+def test_huge_chunked_body_is_streamed_with_exactly_size_bytes(fake: FakeTrakt) -> None:
+    """Fault.huge streams a chunked JSON body (no Content-Length) of exactly size_bytes."""
+    fake.add_account("sean")
+    size = 3 * HUGE_CHUNK + 12_345
+    fake.inject("sean", Fault.huge(size, times=1))
+    with requests.post(
+        settings_url(fake), json=credentials("sean"), timeout=5, stream=True
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in response.headers
+        body = b"".join(response.iter_content(HUGE_CHUNK))
+    assert len(body) == size
+    parsed = json.loads(body)
+    assert parsed["status"] == "success"
+    assert set(parsed["padding"]) == {"x"}
+    assert post(fake, "sean").json()["status"] == "success"
+
+
+def test_huge_chunked_body_goes_out_in_64_kib_chunks(fake: FakeTrakt) -> None:
+    """On the wire the chunked body is several chunks of at most 64 KiB, then the last-chunk."""
+    fake.add_account("sean")
+    size = 2 * HUGE_CHUNK + 100
+    fake.inject("sean", Fault.huge(size, times=1))
+    body = json.dumps(credentials("sean")).encode()
+    request = (
+        f"POST /account/settings/{DEFAULT_API_KEY} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    port = int(fake.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        raw = b""
+        while chunk := sock.recv(1 << 16):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    sizes: list[int] = []
+    while True:
+        line, _, rest = rest.partition(b"\r\n")
+        length = int(line, 16)
+        sizes.append(length)
+        if length == 0:
+            break
+        assert rest[length : length + 2] == b"\r\n"
+        rest = rest[length + 2 :]
+    assert rest == b"\r\n"
+    assert sum(sizes) == size
+    assert len(sizes) > 3
+    assert max(sizes) <= HUGE_CHUNK
+
+
+def test_huge_with_content_length_declares_the_size(fake: FakeTrakt) -> None:
+    """Fault.huge(chunked=False) sends Content-Length: size_bytes and exactly that many bytes."""
+    fake.add_account("sean")
+    size = 5 * HUGE_CHUNK + 7
+    fake.inject("sean", Fault.huge(size, chunked=False, times=1))
+    response = post(fake, "sean")
+    assert response.status_code == 200
+    assert response.headers["Content-Length"] == str(size)
+    assert "Transfer-Encoding" not in response.headers
+    assert len(response.content) == size
+    assert json.loads(response.content)["status"] == "success"
+
+
+def test_huge_body_is_never_held_whole_in_memory(fake: FakeTrakt) -> None:
+    """Serving and reading a 32 MiB huge body keeps the process's traced peak far below it."""
+    fake.add_account("sean")
+    size = 32 * 1024 * 1024
+    fake.inject("sean", Fault.huge(size, times=1))
+    received = 0
+    tracemalloc.start()
+    try:
+        with requests.post(
+            settings_url(fake), json=credentials("sean"), timeout=10, stream=True
+        ) as response:
+            for piece in response.iter_content(HUGE_CHUNK):
+                received += len(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == size
+    assert peak < size // 8
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "content_length"])
+def test_client_closing_early_on_huge_body_leaves_server_serving(
+    fake: FakeTrakt, capfd: pytest.CaptureFixture[str], chunked: bool
+) -> None:
+    """A client that closes after one piece of a huge body ends that connection quietly only."""
+    fake.add_account("sean")
+    threads_before = threading.active_count()
+    fake.inject("sean", Fault.huge(256 * 1024 * 1024, chunked=chunked, times=2))
+    for _ in range(2):
+        with requests.post(
+            settings_url(fake), json=credentials("sean"), timeout=5, stream=True
+        ) as response:
+            assert len(response.raw.read(HUGE_CHUNK)) == HUGE_CHUNK
+    assert post(fake, "sean").json()["status"] == "success"
+    assert wait_for_threads(threads_before), "a handler thread is still streaming"
+    assert post(fake, "sean").status_code == 200
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err
+    assert "Exception" not in captured.err
+
+
+def test_stop_is_prompt_while_a_huge_body_waits_on_a_client_that_stopped_reading() -> None:
+    """stop() returns promptly while a huge body is blocked on a client that reads nothing."""
+    fake = FakeTrakt()
+    fake.start()
+    fake.add_account("sean")
+    fake.inject("sean", Fault.huge(512 * 1024 * 1024))
+    body = json.dumps(credentials("sean")).encode()
+    request = (
+        f"POST /account/settings/{DEFAULT_API_KEY} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    port = int(fake.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(request)
+        assert sock.recv(16).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)  # the server fills the socket buffers and blocks writing
+        started = time.monotonic()
+        fake.stop()
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirect_fault_answers_its_status_and_location(fake: FakeTrakt, status: int) -> None:
+    """Fault.redirect answers with its 3xx status, the Location header and an empty body."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.redirect("https://api.trakt.tv/elsewhere", status, times=1))
+    response = requests.post(
+        settings_url(fake), json=credentials("sean"), timeout=5, allow_redirects=False
+    )
+    assert response.status_code == status
+    assert response.headers["Location"] == "https://api.trakt.tv/elsewhere"
+    assert response.content == b""
+    assert post(fake, "sean").status_code == 200
+
+
+def test_redirect_fault_is_followed_by_requests_to_the_location(fake: FakeTrakt) -> None:
+    """A followed 302 to a relative Location lands on the fake's 404 for that path."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.redirect("/moved", times=1))
+    response = post(fake, "sean")
+    assert [r.status_code for r in response.history] == [302]
+    assert response.status_code == 404
+    assert response.url == f"{fake.base_url}/moved"
+
+
+def test_request_times_increase_and_are_per_user(fake: FakeTrakt) -> None:
+    """request_times lists monotonic arrival times in order, per user and overall."""
+    fake.add_account("sean")
+    fake.add_account("lara")
+    started = time.monotonic()
+    for name in ("sean", "lara", "sean", "nobody"):
+        post(fake, name)
+    requests.post(settings_url(fake), data=b"junk", timeout=5)
+    requests.post(f"{fake.base_url}/elsewhere", json={"username": "sean"}, timeout=5)
+    finished = time.monotonic()
+    every = fake.request_times()
+    sean, lara = fake.request_times("sean"), fake.request_times("lara")
+    assert len(every) == 5
+    assert every == sorted(every)
+    assert len(set(every)) == len(every)
+    assert started <= every[0]
+    assert every[-1] <= finished
+    assert len(sean) == 2
+    assert sean[0] < sean[1]
+    assert sean == [every[0], every[2]]
+    assert lara == [every[1]]
+    assert fake.request_times("nobody") == [every[3]]
+    assert fake.request_times("ghost") == []
+    fake.reset_counts()
+    assert fake.request_times() == []
+    assert fake.request_times("sean") == []
+    post(fake, "sean")
+    assert len(fake.request_times("sean")) == 1
+
+
+def test_request_times_record_the_arrival_before_latency() -> None:
+    """With latency_s the recorded time is when the request arrived, not when it was answered."""
+    with FakeTrakt(latency_s=0.3) as fake:
+        fake.add_account("sean")
+        started = time.monotonic()
+        post(fake, "sean")
+        (arrived,) = fake.request_times("sean")
+        assert arrived - started < 0.2
+
+
+def test_request_times_from_concurrent_clients_stay_in_order(fake: FakeTrakt) -> None:
+    """Concurrent keep-alive clients' requests are all recorded, in non-decreasing order."""
+    names = fake.add_generated(4)
+
+    def client(name: str) -> None:
+        with requests.Session() as session:
+            for _ in range(25):
+                session.post(settings_url(fake), json=credentials(name), timeout=5)
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    every = fake.request_times()
+    assert len(every) == 100
+    assert every == sorted(every)
+    assert sorted(t for name in names for t in fake.request_times(name)) == every
 
 
 def test_module_cli_prints_a_url_that_serves() -> None:
