@@ -52,7 +52,7 @@ def test_rate_limit__holds_across_workers(fake_api: FakeTrakt) -> None:
     client.close()
 
     assert len(results) == 200
-    # A burst of 20, then 20 each second: the 200th request cannot leave before 9 s.
+    # A burst of 20, then 20 a window: the 200th request cannot leave before 9 windows.
     assert elapsed >= 9.0
     assert busiest_second(fake_api.request_times()) <= 20
 

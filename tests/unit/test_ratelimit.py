@@ -16,12 +16,12 @@ NOW = datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC)
 
 @pytest.mark.parametrize(
     ("per_second", "limit", "interval_ms"),
-    [(3, 3, 1000), (20, 20, 1000), (0.5, 1, 2000), (2.5, 2, 800), (0.1, 1, 10000)],
+    [(3, 1, 367), (20, 2, 110), (0.5, 1, 2200), (2.5, 1, 440), (10_000, 1000, 110)],
 )
 def test_rate_for__keeps_the_configured_pace(
     per_second: float, limit: int, interval_ms: int
 ) -> None:
-    """A float rate becomes whole requests per interval at the same pace."""
+    """A rate becomes a small burst per short interval, paced 10% under the limit."""
     rate = rate_for(per_second)
     assert (rate.limit, rate.interval) == (limit, interval_ms)
 
