@@ -444,10 +444,18 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config.yaml")
         raise _config_error(exc) from None
 
 
+# libyaml's parser when PyYAML was built with it (the wheels are): ~10x faster on big account
+# lists, and it keeps the transient memory of a 20,000-account file small.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _load_yaml(text: str, source: str) -> Any:
+    """Parse once: compose the node graph, check it, then construct the data from it."""
+    loader = _SafeLoader(text)
     try:
-        _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader), "", set(), set())
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        _check_nodes(node, "", set(), set())
+        return None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         # Not str(exc): it quotes the offending line, which may hold a secret.
         mark = exc.problem_mark or exc.context_mark
@@ -456,6 +464,8 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"invalid YAML in {source}{where}: {problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"invalid YAML in {source}") from None
+    finally:
+        loader.dispose()
 
 
 def _check_nodes(node: yaml.Node | None, path: str, visited: set[int], ancestors: set[int]) -> None:

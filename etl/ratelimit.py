@@ -4,7 +4,8 @@ the server asks for (a 429's Retry-After, a rate-limit budget reported as spent)
 The limit itself is pyrate-limiter's: at most `limit` requests in any window of `interval`
 (`rate_for`). For ``max_requests_per_s: 20`` that is 2 requests per 110 ms: the documented burst
 is a tenth of the rate, and the pace is 10% under the limit, which leaves room for network
-jitter so that the server never counts more than 20 in a second. Reading the server's rate-limit headers is a pure function (`server_pause`).
+jitter so that the server never counts more than 20 in a second. Reading the server's
+rate-limit headers is a pure function (`server_pause`).
 """
 
 from __future__ import annotations

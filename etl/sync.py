@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from etl import runs
@@ -113,12 +113,26 @@ class Syncer:
             run_id, ids = self._open_run(targets, as_of, trigger)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot start the run: {_db_reason(exc)}") from exc
-        with structlog.contextvars.bound_contextvars(run_id=run_id):
+        with (
+            structlog.contextvars.bound_contextvars(run_id=run_id),
+            self._writer() as writer,
+        ):
             log.info("run.started", accounts=len(targets), trigger=trigger)
             tally = Tally()
             for attempt in self._fetch_all(run_id, targets):
-                self._store(run_id, ids[attempt.account.username], attempt, as_of, tally)
-            return self._close_run(run_id, tally, started)
+                self._store(writer, run_id, ids[attempt.account.username], attempt, as_of, tally)
+            return self._close_run(writer, run_id, tally, started)
+
+    def _writer(self) -> Connection:
+        """The one connection all of a run's writes go through, one transaction per account.
+
+        Held for the whole run: a connection checked out (and pinged) per account cost more
+        than the account's own statements.
+        """
+        try:
+            return self._engine.connect()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot connect for the run: {_db_reason(exc)}") from exc
 
     def _fetch_all(self, run_id: int, targets: Sequence[AccountConfig]) -> Iterator[Attempt]:
         """Fetch and normalize on `api.concurrency` threads, yielding as answers arrive.
@@ -178,7 +192,13 @@ class Syncer:
         return run_id, ids
 
     def _store(
-        self, run_id: int, account_id: int, attempt: Attempt, as_of: datetime, tally: Tally
+        self,
+        writer: Connection,
+        run_id: int,
+        account_id: int,
+        attempt: Attempt,
+        as_of: datetime,
+        tally: Tally,
     ) -> None:
         """The writer's part for one account: its transaction, its log lines, the tally."""
         account = attempt.account
@@ -192,12 +212,13 @@ class Syncer:
             if error is None and fetched is not None and snapshot is not None:
                 try:
                     changes = self._write(
-                        run_id, account_id, fetched, snapshot, as_of, attempt.started_at
+                        writer, run_id, account_id, fetched, snapshot, as_of, attempt.started_at
                     )
                 except FetchError as storage_error:
                     error = storage_error
             if error is not None or fetched is None or snapshot is None:
                 self._record_failure(
+                    writer,
                     run_id,
                     account_id,
                     attempt.started_at,
@@ -219,6 +240,7 @@ class Syncer:
 
     def _write(
         self,
+        writer: Connection,
         run_id: int,
         account_id: int,
         fetched: Fetched,
@@ -228,11 +250,11 @@ class Syncer:
     ) -> list[Change]:
         """Everything of one account in one transaction: history, events, payload, bookkeeping."""
         try:
-            with self._engine.begin() as connection:
-                current = load_current(connection, account_id)
+            with writer.begin():
+                current = load_current(writer, account_id)
                 changes = diff_rows([item.row for item in current], snapshot.rows())
                 write_history(
-                    connection,
+                    writer,
                     account_id=account_id,
                     run_id=run_id,
                     as_of=as_of,
@@ -241,9 +263,9 @@ class Syncer:
                     changes=changes,
                 )
                 sha = hashlib.sha256(fetched.body.encode("utf-8")).hexdigest()
-                if runs.latest_payload_sha(connection, account_id) != sha:
+                if runs.latest_payload_sha(writer, account_id) != sha:
                     runs.store_payload(
-                        connection,
+                        writer,
                         account_id=account_id,
                         run_id=run_id,
                         fetched_at=started_at,
@@ -252,7 +274,7 @@ class Syncer:
                         body=fetched.body,
                     )
                 runs.record_outcome(
-                    connection,
+                    writer,
                     run_id,
                     runs.AccountOutcome(
                         account_id=account_id,
@@ -277,13 +299,18 @@ class Syncer:
         return changes
 
     def _record_failure(
-        self, run_id: int, account_id: int, started_at: datetime, error: FetchError
+        self,
+        writer: Connection,
+        run_id: int,
+        account_id: int,
+        started_at: datetime,
+        error: FetchError,
     ) -> None:
         message = current_account_redactor().redact(self._redactor.redact(error.message))
         try:
-            with self._engine.begin() as connection:
+            with writer.begin():
                 runs.record_outcome(
-                    connection,
+                    writer,
                     run_id,
                     runs.AccountOutcome(
                         account_id=account_id,
@@ -306,13 +333,15 @@ class Syncer:
             attempts=error.attempts,
         )
 
-    def _close_run(self, run_id: int, tally: Tally, started: float) -> RunSummary:
+    def _close_run(
+        self, writer: Connection, run_id: int, tally: Tally, started: float
+    ) -> RunSummary:
         if tally.drift:
             log.warning("schema.drift", paths=sorted(tally.drift))
         counts = tally.counts()
         try:
-            with self._engine.begin() as connection:
-                runs.finish_run(connection, run_id, finished_at=self._clock(), counts=counts)
+            with writer.begin():
+                runs.finish_run(writer, run_id, finished_at=self._clock(), counts=counts)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot close the run: {_db_reason(exc)}") from exc
         duration_ms = round((time.monotonic() - started) * 1000)
