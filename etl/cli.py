@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 import structlog
 import yaml
+from rich.console import Console
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from etl import __version__, db
+from etl import __version__, db, liveness, report
 from etl.client import TraktClient
 from etl.config import Config, load_config, resolve_config_path
-from etl.errors import ExitCode, TraktEtlError, exit_code_for
+from etl.daemon import Daemon
+from etl.errors import DatabaseError, ExitCode, TraktEtlError, exit_code_for
 from etl.logs import LEVELS, choose_format, configure_logging
+from etl.ratelimit import RequestGate
 from etl.redact import Redactor
-from etl.sync import Syncer
+from etl.runs import RunStatus
+from etl.sync import RunControl, Syncer, utc_now
 
 log = structlog.get_logger("etl.cli")
 
@@ -73,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--account", action="append", metavar="USER", help="sync only this account (repeatable)"
     )
     sync.set_defaults(handler=cmd_sync)
+
+    daemon = commands.add_parser(
+        "daemon", parents=[common], help="sync on the schedule until SIGTERM/SIGINT"
+    )
+    daemon.add_argument(
+        "--no-initial-run", action="store_true", help="wait for the schedule instead of syncing now"
+    )
+    daemon.set_defaults(handler=cmd_daemon)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="recent runs, failing accounts, daemon heartbeats"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--runs", type=int, default=10, metavar="N", help="runs to show (10)")
+    status.set_defaults(handler=cmd_status)
+
+    history = commands.add_parser("history", parents=[common], help="one account's changes")
+    history.add_argument("username")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    history.add_argument("--limit", type=int, metavar="N", help="only the newest N changes")
+    history.set_defaults(handler=cmd_history)
 
     database = commands.add_parser("db", parents=[common], help="database schema (Alembic)")
     db_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -131,13 +160,107 @@ def cmd_sync(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
     engine = _prepared_engine(config)
-    client = TraktClient(config.api, redactor=Redactor(config.global_secrets()))
+    control = RunControl()
+    _on_stop_signals(lambda name: control.request_stop(f"stopped by {name}"))
+    client = TraktClient(
+        config.api,
+        gate=RequestGate(config.api.max_requests_per_s, stop=control.stop),
+        redactor=Redactor(config.global_secrets()),
+    )
+    heartbeat_s = config.schedule.heartbeat_s
     try:
-        summary = Syncer(engine, config, client).run(trigger="manual", only=args.account)
+        with engine.begin() as connection:
+            worker_id = liveness.register_worker(connection, kind="sync", now=utc_now())
+        heartbeat = liveness.Heartbeat(engine, worker_id, interval_s=heartbeat_s, clock=utc_now)
+        heartbeat.start()
+        try:
+            summary = Syncer(
+                engine,
+                config,
+                client,
+                control=control,
+                worker_id=worker_id,
+                stale_after_s=liveness.stale_after(heartbeat_s),
+            ).run(trigger="manual", only=args.account)
+        finally:
+            heartbeat.stop()
+            with engine.begin() as connection:
+                liveness.retire_worker(connection, worker_id, utc_now())
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database error: {getattr(exc, 'orig', exc)}") from exc
     finally:
         client.close()
         engine.dispose()
-    return ExitCode.OK if summary.counts.failed == 0 else ExitCode.ACCOUNTS_FAILED
+    complete = summary.status != RunStatus.ABORTED and summary.counts.failed == 0
+    return ExitCode.OK if complete else ExitCode.ACCOUNTS_FAILED
+
+
+def _on_stop_signals(stop: Callable[[str], None]) -> None:
+    """SIGTERM and SIGINT end a run cleanly: the account being written commits, then it closes."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_daemon(args: argparse.Namespace) -> ExitCode:
+    config = _load(args)
+    _setup_logging(args, config)
+
+    def reload() -> Config:
+        return _load(args)
+
+    daemon = Daemon(
+        config,
+        load_config=reload,
+        on_reload=lambda new: _setup_logging(args, new),
+        initial_run=not args.no_initial_run,
+    )
+    return daemon.serve()
+
+
+def cmd_status(args: argparse.Namespace) -> ExitCode:
+    config = _load(args)
+    _setup_logging(args, config)
+    engine = _prepared_engine(config, migrate=False)
+    try:
+        with engine.connect() as connection:
+            found = report.status_report(
+                connection,
+                now=utc_now(),
+                runs=args.runs,
+                stale_after_s=liveness.stale_after(config.schedule.heartbeat_s),
+            )
+    finally:
+        engine.dispose()
+    _show(found, as_json=args.json)
+    return ExitCode.OK
+
+
+def cmd_history(args: argparse.Namespace) -> ExitCode:
+    config = _load(args)
+    _setup_logging(args, config)
+    engine = _prepared_engine(config, migrate=False)
+    try:
+        with engine.connect() as connection:
+            found = report.history_report(connection, args.username, limit=args.limit)
+    finally:
+        engine.dispose()
+    _show(found, as_json=args.json)
+    return ExitCode.OK
+
+
+def _show(found: report.StatusReport | report.HistoryReport, *, as_json: bool) -> None:
+    if as_json:
+        print(report.as_json(found))
+        return
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    if isinstance(found, report.StatusReport):
+        report.render_status(found, console)
+    else:
+        report.render_history(found, console)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> ExitCode:
@@ -196,14 +319,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: Command = args.handler
     try:
-        return int(handler(args))
+        code = int(handler(args))
     except TraktEtlError as exc:
-        code = exit_code_for(exc)
-        log.error("command.failed", command=args.command, error=str(exc), exit_code=int(code))
-        return int(code)
+        code = int(exit_code_for(exc))
+        log.error("command.failed", command=args.command, error=str(exc), exit_code=code)
     except KeyboardInterrupt:
         log.warning("command.interrupted", command=args.command)
-        return 130
+        code = 130
+    _exit_past_abandoned_fetches(code)
+    return code
+
+
+def _exit_past_abandoned_fetches(code: int) -> None:
+    """A stopped run abandons its fetches in flight; do not wait out their request timeouts.
+
+    Everything that matters is committed and logged by now; only those threads are left.
+    """
+    if any(t.name.startswith("fetch") and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from tenacity.wait import wait_exponential_jitter
 
 from etl.config import AccountConfig, ApiConfig
-from etl.errors import ErrorKind, FetchError, InvalidPayloadError
+from etl.errors import ErrorKind, FetchError, InvalidPayloadError, Stopped
 from etl.normalize import check_v1_envelope, from_v1
 from etl.ratelimit import RequestGate, server_pause
 from etl.records import Snapshot
@@ -261,7 +261,7 @@ class TraktClient:
 
     def _send(self, request: Request) -> _Answer:
         if not self._gate.wait_turn():
-            raise FetchError(ErrorKind.CONNECTION, "stopped before the request was sent")
+            raise Stopped("stopped before the request was sent")
         timeout = self._api.timeout_s
         try:
             response = self._session().request(

@@ -152,6 +152,16 @@ class ScheduleConfig(_Section, frozen=True):
     interval: str | None = None
     cron: str | None = None
     jitter_s: Annotated[float, Field(ge=0)] = 30.0
+    # A run still going after this is ended (default: the interval; for cron, the gap between
+    # two firings). Per-request timeouts alone cannot bound a run: a database lock can hang too.
+    run_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # How late a run may start and still run (APScheduler's misfire grace; default: the
+    # interval). A run later than that is skipped, with a warning saying so.
+    misfire_grace_s: Annotated[float, Field(gt=0)] | None = None
+    heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    # GET /healthz for orchestrators: 200 while the scheduler beats, 503 once it is stuck.
+    healthz_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    healthz_host: str = "127.0.0.1"
 
     @model_validator(mode="before")
     @classmethod

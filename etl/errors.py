@@ -92,6 +92,10 @@ class FetchError(TraktEtlError):
         return f"{self.kind}: {self.message}"
 
 
+class Stopped(TraktEtlError):
+    """The run was told to stop (a signal, a deadline) before this piece of work began."""
+
+
 class InvalidPayloadError(TraktEtlError):
     """A payload's shape or types are wrong; `path` names the field (``profile.age``)."""
 

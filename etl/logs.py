@@ -91,6 +91,25 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    _bridge_stdlib_logging()
+
+
+class _StdlibBridge(logging.Handler):
+    """Libraries (APScheduler, Alembic) log through stdlib logging; their warnings and errors go
+    through structlog too, so that stderr stays one JSON object per line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = structlog.get_logger(record.name)
+        method = logger.error if record.levelno >= logging.ERROR else logger.warning
+        method("library.log", logger=record.name, message=record.getMessage())
+
+
+def _bridge_stdlib_logging() -> None:
+    root = logging.getLogger()
+    root.handlers = [handler for handler in root.handlers if not isinstance(handler, _StdlibBridge)]
+    bridge = _StdlibBridge(level=logging.WARNING)
+    root.addHandler(bridge)
+    root.setLevel(logging.WARNING)
 
 
 def get_logger(name: str | None = None) -> Any:

@@ -138,7 +138,28 @@ sync_runs = Table(
     Column("accounts_changed", Integer, nullable=False, server_default="0"),
     Column("host", String(255)),
     Column("pid", Integer),
+    Column("heartbeat_at", UTCDateTime()),  # refreshed while the run is alive
+    Column("deadline_at", UTCDateTime()),  # when the daemon ends the run, finished or not
+    Column("worker_id", Id),
+    Column("error", Text),  # why a run failed or was aborted
     Index("ix_sync_runs_status", "status"),
+)
+
+# One row per trakt-etl process that syncs (a daemon, or a one-off `sync`), for liveness.
+workers = Table(
+    "workers",
+    metadata,
+    _id(),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # daemon | sync
+    Column("state", String(16), nullable=False),  # running | stopped
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime()),
+    Column("current_run_id", Id),
+    Column("version", String(32)),
+    Index("ix_workers_heartbeat_at", "heartbeat_at"),
 )
 
 account_syncs = Table(

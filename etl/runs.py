@@ -91,31 +91,36 @@ def sync_accounts(
     return {name: ids[name] for name in wanted}
 
 
-def abort_dead_runs(connection: Connection, now: datetime) -> list[int]:
-    """Mark runs left `running` by a process that died as `aborted`; return their ids."""
-    dead = list(
-        connection.execute(
-            select(sync_runs.c.id).where(sync_runs.c.status == RunStatus.RUNNING)
-        ).scalars()
-    )
-    if dead:
+def abort_runs(connection: Connection, run_ids: list[int], now: datetime, reason: str) -> None:
+    """Close runs whose process died (`liveness.dead_runs` finds them) as `aborted`."""
+    if run_ids:
         connection.execute(
             update(sync_runs)
-            .where(sync_runs.c.id.in_(dead))
-            .values(status=RunStatus.ABORTED, finished_at=now)
+            .where(sync_runs.c.id.in_(run_ids), sync_runs.c.status == RunStatus.RUNNING)
+            .values(status=RunStatus.ABORTED, finished_at=now, error=reason)
         )
-    return dead
 
 
-def start_run(connection: Connection, *, started_at: datetime, trigger: str, total: int) -> int:
+def start_run(
+    connection: Connection,
+    *,
+    started_at: datetime,
+    trigger: str,
+    total: int,
+    worker_id: int | None = None,
+    deadline_at: datetime | None = None,
+) -> int:
     result = connection.execute(
         insert(sync_runs).values(
             started_at=started_at,
+            heartbeat_at=started_at,
+            deadline_at=deadline_at,
             status=RunStatus.RUNNING,
             trigger=trigger,
             accounts_total=total,
             host=socket.gethostname(),
             pid=os.getpid(),
+            worker_id=worker_id,
         )
     )
     key = result.inserted_primary_key
@@ -130,12 +135,14 @@ def finish_run(
     finished_at: datetime,
     counts: RunCounts,
     status: RunStatus | None = None,
+    error: str | None = None,
 ) -> None:
     connection.execute(
         update(sync_runs)
         .where(sync_runs.c.id == run_id)
         .values(
             finished_at=finished_at,
+            error=error,
             status=status or counts.status,
             accounts_total=counts.total,
             accounts_succeeded=counts.succeeded,

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from etl import runs
+from etl import liveness, runs
 from etl.client import Fetched, TraktClient, adapter_for
 from etl.config import AccountConfig, Config
 from etl.diff import diff_rows
-from etl.errors import DatabaseError, ErrorKind, FetchError, InvalidPayloadError, UsageError
+from etl.errors import (
+    DatabaseError,
+    ErrorKind,
+    FetchError,
+    InvalidPayloadError,
+    Stopped,
+    UsageError,
+)
 from etl.history import load_current, write_history
 from etl.records import Change, Snapshot
 from etl.redact import Redactor, account_secrets, current_account_redactor
@@ -36,6 +44,37 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class RunControl:
+    """How a run is told to end early: a stop (a signal) or a deadline, whichever comes first.
+
+    The stop event is shared with the client, so its rate-limit waits and retry backoffs end
+    at once too.
+    """
+
+    def __init__(self, *, deadline_s: float | None = None, stop: threading.Event | None = None):
+        self.stop = stop or threading.Event()
+        self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self.deadline_s = deadline_s
+        self._reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+        self.stop.set()
+
+    def reason(self) -> str | None:
+        """Why the run must end now, or None to go on."""
+        if self.stop.is_set():
+            return self._reason or "stopped"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.request_stop(f"the run deadline of {self.deadline_s:g}s passed")
+            return self._reason
+        return None
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +136,25 @@ class Syncer:
         client: TraktClient,
         *,
         clock: Clock = utc_now,
+        control: RunControl | None = None,
+        worker_id: int | None = None,
+        stale_after_s: float = liveness.stale_after(liveness.DEFAULT_HEARTBEAT_S),
     ) -> None:
+        self._stale_after_s = stale_after_s
         self._engine = engine
         self._config = config
         self._client = client
         self._clock = clock
+        self._control = control or RunControl()
+        self._worker_id = worker_id
         self._redactor = Redactor(config.global_secrets())
 
     def run(self, *, trigger: str = "manual", only: Sequence[str] | None = None) -> RunSummary:
-        """Sync the selected accounts once; database failures raise `DatabaseError`."""
+        """Sync the selected accounts once; database failures raise `DatabaseError`.
+
+        A stop or a deadline (`RunControl`) ends the run early: the account being written
+        commits, the others are left wholly as they were, and the run is closed `aborted`.
+        """
         targets = select_accounts(self._config, only)
         as_of = self._clock()
         started = time.monotonic()
@@ -121,7 +170,9 @@ class Syncer:
             tally = Tally()
             for attempt in self._fetch_all(run_id, targets):
                 self._store(writer, run_id, ids[attempt.account.username], attempt, as_of, tally)
-            return self._close_run(writer, run_id, tally, started)
+            left = len(targets) - tally.total
+            reason = self._control.reason() if left else None
+            return self._close_run(writer, run_id, tally, started, left=left, reason=reason)
 
     def _writer(self) -> Connection:
         """The one connection all of a run's writes go through, one transaction per account.
@@ -141,20 +192,37 @@ class Syncer:
         the number of accounts; the caller (the one writer) consumes them in completion order.
         """
         workers = self._config.api.concurrency
-        pending: set[Future[Attempt]] = set()
+        control = self._control
+        pending: set[Future[Attempt | None]] = set()
         queue = iter(targets)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+        try:
             for account in itertools.islice(queue, 2 * workers):
                 pending.add(pool.submit(self._fetch_one, run_id, account))
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            while pending and control.reason() is None:
+                left = control.time_left()
+                done, pending = wait(
+                    pending,
+                    timeout=None if left is None else min(left, 1.0) + 0.01,
+                    return_when=FIRST_COMPLETED,
+                )
                 for future in done:
-                    for account in itertools.islice(queue, 1):
-                        pending.add(pool.submit(self._fetch_one, run_id, account))
-                    yield future.result()
+                    if control.reason() is None:
+                        for account in itertools.islice(queue, 1):
+                            pending.add(pool.submit(self._fetch_one, run_id, account))
+                    attempt = future.result()
+                    if attempt is not None and control.reason() is None:
+                        yield attempt
+        finally:
+            # Fetches still in flight are abandoned: their answers are never written, so their
+            # accounts stay wholly as they were. Their threads end with their request timeout.
+            pool.shutdown(wait=control.reason() is None, cancel_futures=True)
 
-    def _fetch_one(self, run_id: int, account: AccountConfig) -> Attempt:
-        """Runs on a worker thread: the HTTP fetch and the pure normalizing, never the database."""
+    def _fetch_one(self, run_id: int, account: AccountConfig) -> Attempt | None:
+        """Runs on a worker thread: the HTTP fetch and the pure normalizing, never the database.
+
+        None when the run was stopped before this account's request could go out.
+        """
         with (
             structlog.contextvars.bound_contextvars(run_id=run_id, username=account.username),
             account_secrets(account.secrets()),
@@ -163,6 +231,8 @@ class Syncer:
             try:
                 fetched = self._client.fetch(account, self._config.version_of(account))
                 snapshot = _normalize(fetched)
+            except Stopped:
+                return None
             except FetchError as error:
                 return Attempt(account, started_at, started, error=error)
             except Exception as exc:  # a bug must not cost the other accounts their sync
@@ -179,15 +249,20 @@ class Syncer:
             for a in self._config.accounts
         ]
         with self._engine.begin() as connection:
-            for dead in runs.abort_dead_runs(connection, as_of):
-                log.warning(
-                    "run.aborted_found",
-                    dead_run_id=dead,
-                    reason="left running by a process that stopped",
-                )
+            dead = liveness.dead_runs(connection, as_of, stale_after_s=self._stale_after_s)
+            reason = "left running by a process that stopped"
+            runs.abort_runs(connection, dead, as_of, reason)
+            for run_id in dead:
+                log.warning("run.aborted_found", dead_run_id=run_id, reason=reason)
             ids = runs.sync_accounts(connection, specs, as_of)
+            deadline_s = self._control.deadline_s
             run_id = runs.start_run(
-                connection, started_at=as_of, trigger=trigger, total=len(targets)
+                connection,
+                started_at=as_of,
+                trigger=trigger,
+                total=len(targets),
+                worker_id=self._worker_id,
+                deadline_at=None if deadline_s is None else as_of + timedelta(seconds=deadline_s),
             )
         return run_id, ids
 
@@ -334,27 +409,47 @@ class Syncer:
         )
 
     def _close_run(
-        self, writer: Connection, run_id: int, tally: Tally, started: float
+        self,
+        writer: Connection,
+        run_id: int,
+        tally: Tally,
+        started: float,
+        *,
+        left: int,
+        reason: str | None,
     ) -> RunSummary:
         if tally.drift:
             log.warning("schema.drift", paths=sorted(tally.drift))
         counts = tally.counts()
+        status = counts.status
+        error = None
+        if left:
+            status = runs.RunStatus.ABORTED
+            error = f"{reason or 'stopped'}; {left} accounts left as they were"
+            log.warning("run.stopped_early", reason=reason, accounts_left=left)
         try:
             with writer.begin():
-                runs.finish_run(writer, run_id, finished_at=self._clock(), counts=counts)
+                runs.finish_run(
+                    writer,
+                    run_id,
+                    finished_at=self._clock(),
+                    counts=counts,
+                    status=status,
+                    error=error,
+                )
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot close the run: {_db_reason(exc)}") from exc
         duration_ms = round((time.monotonic() - started) * 1000)
         log.info(
             "run.finished",
-            status=str(counts.status),
+            status=str(status),
             total=counts.total,
             succeeded=counts.succeeded,
             failed=counts.failed,
             changed=counts.changed,
             duration_ms=duration_ms,
         )
-        return RunSummary(run_id, counts.status, counts, duration_ms)
+        return RunSummary(run_id, status, counts, duration_ms)
 
 
 def _normalize(fetched: Fetched) -> Snapshot:

@@ -1,0 +1,144 @@
+"""Who is alive: the `workers` table, heartbeats, and telling dead runs from live ones.
+
+Every process that syncs registers a worker row and refreshes its heartbeat (and that of its
+running run) every few seconds. A run left `running` is dead when its process is gone: on this
+host its pid no longer exists; anywhere, its heartbeat is older than `stale_after_s`. Only dead
+runs are ever marked `aborted`, so a second process never aborts a run that is still going.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl import __version__
+from etl.models import sync_runs, workers
+from etl.runs import RunStatus
+
+log = structlog.get_logger("etl.liveness")
+
+HOST = socket.gethostname()
+DEFAULT_HEARTBEAT_S = 15.0
+
+
+def stale_after(heartbeat_s: float) -> float:
+    """How old a heartbeat may be before its process counts as dead: four missed beats, >= 60 s."""
+    return max(60.0, 4 * heartbeat_s)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def register_worker(connection: Connection, *, kind: str, now: datetime) -> int:
+    result = connection.execute(
+        insert(workers).values(
+            host=HOST,
+            pid=os.getpid(),
+            kind=kind,
+            state="running",
+            started_at=now,
+            heartbeat_at=now,
+            version=__version__,
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def beat(connection: Connection, worker_id: int, now: datetime) -> None:
+    """Refresh the worker's heartbeat and its running run's, and note which run that is."""
+    running = connection.execute(
+        select(sync_runs.c.id).where(
+            sync_runs.c.worker_id == worker_id, sync_runs.c.status == RunStatus.RUNNING
+        )
+    ).scalar_one_or_none()
+    connection.execute(
+        update(workers)
+        .where(workers.c.id == worker_id)
+        .values(heartbeat_at=now, current_run_id=running, state="running")
+    )
+    if running is not None:
+        connection.execute(
+            update(sync_runs).where(sync_runs.c.id == running).values(heartbeat_at=now)
+        )
+
+
+def retire_worker(connection: Connection, worker_id: int, now: datetime) -> None:
+    connection.execute(
+        update(workers)
+        .where(workers.c.id == worker_id)
+        .values(state="stopped", stopped_at=now, heartbeat_at=now, current_run_id=None)
+    )
+
+
+def dead_runs(connection: Connection, now: datetime, *, stale_after_s: float) -> list[int]:
+    """Runs marked `running` whose process is gone."""
+    stale_before = now - timedelta(seconds=stale_after_s)
+    dead: list[int] = []
+    rows = connection.execute(
+        select(
+            sync_runs.c.id,
+            sync_runs.c.host,
+            sync_runs.c.pid,
+            sync_runs.c.started_at,
+            sync_runs.c.heartbeat_at,
+        ).where(sync_runs.c.status == RunStatus.RUNNING)
+    )
+    for row in rows:
+        last_seen = row.heartbeat_at or row.started_at
+        on_this_host = row.host == HOST and row.pid is not None
+        # Our own pid: this process runs one sync at a time, so an older run of ours is over.
+        gone = on_this_host and (row.pid == os.getpid() or not pid_alive(row.pid))
+        if gone or last_seen < stale_before:
+            dead.append(int(row.id))
+    return dead
+
+
+class Heartbeat:
+    """A background thread that beats every `interval_s` until stopped (for `trakt-etl sync`;
+    the daemon beats from its scheduler instead, so that a stuck scheduler goes stale)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        worker_id: int,
+        *,
+        interval_s: float = DEFAULT_HEARTBEAT_S,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._engine = engine
+        self._worker_id = worker_id
+        self._interval_s = interval_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                with self._engine.begin() as connection:
+                    beat(connection, self._worker_id, self._clock())
+            except SQLAlchemyError as exc:
+                log.warning("heartbeat.failed", error=str(getattr(exc, "orig", exc)))
