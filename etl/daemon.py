@@ -55,7 +55,9 @@ def trigger_for(schedule: ScheduleConfig) -> Any:
     period = schedule_period_s(schedule)
     jitter = min(schedule.jitter_s, period / 2) or None
     if schedule.cron is not None:
-        return CronTrigger.from_crontab(schedule.cron, timezone=UTC, jitter=jitter)
+        trigger = CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+        trigger.jitter = jitter  # from_crontab takes no jitter; the trigger reads the attribute
+        return trigger
     return IntervalTrigger(seconds=schedule.interval_seconds, timezone=UTC, jitter=jitter)
 
 
