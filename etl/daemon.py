@@ -11,6 +11,7 @@ optional /healthz.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -111,6 +112,8 @@ class Daemon:
         self._last_tick = time.monotonic()
         self._worker_id: int | None = None
         self._scheduler = BackgroundScheduler(timezone=UTC)
+        # Its skipped/missed warnings are logged by our listener, with reasons; keep its errors.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
         self._health: HealthServer | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -214,9 +217,10 @@ class Daemon:
                 reason="it would have started later than the misfire grace allows",
             )
         elif event.code == EVENT_JOB_MAX_INSTANCES:
+            # A JobSubmissionEvent: it carries a list of run times, not one.
             log.warning(
                 "run.skipped",
-                scheduled_for=event.scheduled_run_time.isoformat(),
+                scheduled_for=[t.isoformat() for t in event.scheduled_run_times],
                 reason="the previous run is still going",
             )
         elif event.code == EVENT_JOB_ERROR:
