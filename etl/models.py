@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Computed,
     DateTime,
     Dialect,
     ForeignKey,
@@ -74,6 +75,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 Id = BigInteger().with_variant(Integer(), "sqlite")
 # MariaDB's TEXT stops at 64 KiB; raw bodies may reach the configured size limit (1 MiB default).
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# Free text of up to 65,536 characters (the normalizer's cap) is up to 256 KiB in utf8mb4.
+FreeText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
 CURRENT = text("valid_to IS NULL")
 
@@ -95,14 +98,26 @@ def _validity() -> list[Column[Any]]:
         Column("valid_from", UTCDateTime(), nullable=False),
         Column("valid_to", UTCDateTime(), nullable=True),
         Column("row_hash", String(64), nullable=False),
+        # 1 for the current row, NULL for closed ones: what MariaDB's unique index sees.
+        Column(
+            "is_current",
+            Integer,
+            Computed("CASE WHEN valid_to IS NULL THEN 1 END", persisted=True),
+            nullable=True,
+        ),
     ]
 
 
 def _current_unique(name: str, *columns: str) -> Index:
-    """At most one current row per key, enforced by the database (CONTRACT guarantee 2)."""
+    """At most one current row per key, enforced by the database (CONTRACT guarantee 2).
+
+    Partial on PostgreSQL and SQLite. MariaDB has no partial indexes: there the index is on the
+    key plus `is_current`, and closed rows, whose `is_current` is NULL, never collide.
+    """
     return Index(
         name,
         *columns,
+        "is_current",
         unique=True,
         sqlite_where=CURRENT,
         postgresql_where=CURRENT,
@@ -120,8 +135,13 @@ accounts = Table(
     Column("last_attempt_at", UTCDateTime()),
     Column("last_success_at", UTCDateTime()),
     Column("last_status", String(16)),
-    Column("last_error", Text),
+    Column("last_error", FreeText),
     Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    # Work sharing (etl.claims): when the account is due next, and who holds it until when.
+    Column("next_due_at", UTCDateTime()),
+    Column("lease_owner", Id),
+    Column("lease_expires_at", UTCDateTime()),
+    Index("ix_accounts_due", "enabled", "next_due_at"),
 )
 
 sync_runs = Table(
@@ -141,7 +161,7 @@ sync_runs = Table(
     Column("heartbeat_at", UTCDateTime()),  # refreshed while the run is alive
     Column("deadline_at", UTCDateTime()),  # when the daemon ends the run, finished or not
     Column("worker_id", Id),
-    Column("error", Text),  # why a run failed or was aborted
+    Column("error", FreeText),  # why a run failed or was aborted
     Index("ix_sync_runs_status", "status"),
 )
 
@@ -174,7 +194,7 @@ account_syncs = Table(
     Column("changed", Boolean, nullable=False),
     Column("http_status", Integer),
     Column("error_kind", String(32)),
-    Column("error_message", Text),
+    Column("error_message", FreeText),
     Column("attempts", Integer, nullable=False),
     Index("ix_account_syncs_account_id_run_id", "account_id", "run_id"),
     Index("ix_account_syncs_run_id", "run_id"),
@@ -201,15 +221,15 @@ profile_history = Table(
     _run_fk(),
     *_validity(),
     Column("username", String(255)),
-    Column("full_name", Text),
+    Column("full_name", FreeText),
     Column("gender", String(32)),
     Column("age", Integer),
-    Column("location", Text),
-    Column("about", Text),
+    Column("location", FreeText),
+    Column("about", FreeText),
     Column("joined_at", UTCDateTime()),
     Column("last_login_at", UTCDateTime()),
-    Column("avatar_url", Text),
-    Column("profile_url", Text),
+    Column("avatar_url", FreeText),
+    Column("profile_url", FreeText),
     Column("vip", Boolean),
     Column("timezone", String(64)),
     Column("use_24hr", Boolean),
@@ -222,7 +242,7 @@ profile_history = Table(
     Column("slug", String(255)),
     Column("uuid", String(64)),
     Column("date_format", String(32)),
-    Column("cover_image_url", Text),
+    Column("cover_image_url", FreeText),
     _current_unique("uq_profile_history_current", "account_id"),
     Index("ix_profile_history_account_id_valid_from", "account_id", "valid_from"),
 )
@@ -247,7 +267,7 @@ sharing_text_history = Table(
     _account_fk(),
     _run_fk(),
     Column("action", String(64), nullable=False),
-    Column("text", Text),
+    Column("text", FreeText),
     *_validity(),
     _current_unique("uq_sharing_text_history_current", "account_id", "action"),
     Index("ix_sharing_text_history_account_id_valid_from", "account_id", "valid_from"),
@@ -264,8 +284,8 @@ change_events = Table(
     Column("entity_key", String(64)),
     Column("field", String(64)),
     Column("change", String(16), nullable=False),
-    Column("old_value", Text),
-    Column("new_value", Text),
+    Column("old_value", FreeText),
+    Column("new_value", FreeText),
     Index("ix_change_events_account_id_changed_at", "account_id", "changed_at"),
     Index("ix_change_events_run_id", "run_id"),
 )

@@ -29,6 +29,9 @@ from etl.logs import configure_logging
 POSTGRES_ADMIN_URL = os.environ.get(
     "TRAKT_ETL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+MARIADB_ADMIN_URL = os.environ.get(
+    "TRAKT_ETL_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+)
 REQUIRE_SERVERS = os.environ.get("TRAKT_ETL_REQUIRE_SERVERS") == "1"
 
 
@@ -39,6 +42,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("TRAKT_ETL_") and name not in (
             "TRAKT_ETL_REQUIRE_SERVERS",
             "TRAKT_ETL_TEST_POSTGRES_URL",
+            "TRAKT_ETL_TEST_MARIADB_URL",
         ):
             monkeypatch.delenv(name)
     configure_logging(format="json", level="debug")
@@ -89,6 +93,31 @@ def _postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+def _mariadb_database() -> Iterator[str]:
+    admin = create_engine(MARIADB_ADMIN_URL)
+    name = f"trakt_etl_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.begin() as connection:
+            connection.execute(
+                text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+            )
+    except OperationalError as exc:
+        admin.dispose()
+        _server_missing("MariaDB", exc)
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """A fresh, empty MariaDB database (utf8mb4), dropped afterwards."""
+    yield from _mariadb_database()
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
@@ -104,14 +133,17 @@ def sqlite_url(tmp_path: Path) -> str:
     params=[
         "sqlite",
         pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
     ]
 )
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of each supported kind, in turn."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'trakt_etl.db'}"
-    else:
+    elif request.param == "postgresql":
         yield from _postgres_database()
+    else:
+        yield from _mariadb_database()
 
 
 @pytest.fixture

@@ -288,40 +288,13 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name in VIEWS:
         op.execute(f"DROP VIEW {name}")
-    op.drop_index(
-        "uq_sharing_text_history_current",
-        table_name="sharing_text_history",
-        sqlite_where=sa.text("valid_to IS NULL"),
-        postgresql_where=sa.text("valid_to IS NULL"),
-    )
-    op.drop_index(
-        "ix_sharing_text_history_account_id_valid_from", table_name="sharing_text_history"
-    )
+    # Dropping a table drops its indexes; dropping them first fails on MariaDB, where an index
+    # that backs a foreign key cannot go while the key stays.
     op.drop_table("sharing_text_history")
-    op.drop_index("ix_raw_payloads_account_id_id", table_name="raw_payloads")
     op.drop_table("raw_payloads")
-    op.drop_index(
-        "uq_profile_history_current",
-        table_name="profile_history",
-        sqlite_where=sa.text("valid_to IS NULL"),
-        postgresql_where=sa.text("valid_to IS NULL"),
-    )
-    op.drop_index("ix_profile_history_account_id_valid_from", table_name="profile_history")
     op.drop_table("profile_history")
-    op.drop_index(
-        "uq_connection_history_current",
-        table_name="connection_history",
-        sqlite_where=sa.text("valid_to IS NULL"),
-        postgresql_where=sa.text("valid_to IS NULL"),
-    )
-    op.drop_index("ix_connection_history_account_id_valid_from", table_name="connection_history")
     op.drop_table("connection_history")
-    op.drop_index("ix_change_events_run_id", table_name="change_events")
-    op.drop_index("ix_change_events_account_id_changed_at", table_name="change_events")
     op.drop_table("change_events")
-    op.drop_index("ix_account_syncs_run_id", table_name="account_syncs")
-    op.drop_index("ix_account_syncs_account_id_run_id", table_name="account_syncs")
     op.drop_table("account_syncs")
-    op.drop_index("ix_sync_runs_status", table_name="sync_runs")
     op.drop_table("sync_runs")
     op.drop_table("accounts")
