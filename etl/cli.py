@@ -26,6 +26,7 @@ from etl import __version__, db, liveness, report
 from etl.client import TraktClient
 from etl.config import Config, load_config, resolve_config_path
 from etl.daemon import Daemon
+from etl.dblock import ProcessLock, lock_path_for
 from etl.errors import DatabaseError, ExitCode, TraktEtlError, exit_code_for
 from etl.logs import LEVELS, choose_format, configure_logging
 from etl.ratelimit import RequestGate
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--account", action="append", metavar="USER", help="sync only this account (repeatable)"
     )
+    sync.add_argument(
+        "--wait",
+        action="store_true",
+        help="on SQLite, wait for another trakt-etl process instead of refusing",
+    )
     sync.set_defaults(handler=cmd_sync)
 
     daemon = commands.add_parser(
@@ -87,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--no-initial-run", action="store_true", help="wait for the schedule instead of syncing now"
+    )
+    daemon.add_argument(
+        "--wait",
+        action="store_true",
+        help="on SQLite, wait for another trakt-etl process instead of refusing",
     )
     daemon.set_defaults(handler=cmd_daemon)
 
@@ -159,7 +170,14 @@ def _prepared_engine(config: Config, *, migrate: bool | None = None) -> Engine:
 def cmd_sync(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
-    engine = _prepared_engine(config)
+    engine = db.make_engine(config.database.url)
+    with ProcessLock(lock_path_for(engine), wait=args.wait):
+        return _sync(args, config, engine)
+
+
+def _sync(args: argparse.Namespace, config: Config, engine: Engine) -> ExitCode:
+    db.check_reachable(engine)
+    db.ensure_schema(engine, auto_migrate=config.database.auto_migrate)
     control = RunControl()
     _on_stop_signals(lambda name: control.request_stop(f"stopped by {name}"))
     client = TraktClient(
@@ -218,7 +236,9 @@ def cmd_daemon(args: argparse.Namespace) -> ExitCode:
         on_reload=lambda new: _setup_logging(args, new),
         initial_run=not args.no_initial_run,
     )
-    return daemon.serve()
+    engine = db.make_engine(config.database.url)
+    with ProcessLock(lock_path_for(engine), wait=args.wait):
+        return daemon.serve()
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:

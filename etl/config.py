@@ -21,7 +21,7 @@ import difflib
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -203,6 +203,17 @@ class ScheduleConfig(_Section, frozen=True):
     def interval_seconds(self) -> int | None:
         """The interval in seconds, or None when the schedule is a cron line."""
         return None if self.interval is None else parse_interval(self.interval)
+
+    def period_s(self) -> float:
+        """Seconds between two runs: the interval, or the gap between the cron line's next two
+        firings. It is also the length of the windows accounts fall due in (etl.claims)."""
+        if self.interval is not None:
+            return float(parse_interval(self.interval))
+        assert self.cron is not None
+        trigger = CronTrigger.from_crontab(self.cron, timezone=UTC)
+        first = trigger.get_next_fire_time(None, datetime.now(UTC))
+        second = trigger.get_next_fire_time(first, first + timedelta(microseconds=1))
+        return float((second - first).total_seconds())
 
 
 class LoggingConfig(_Section, frozen=True):

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -33,7 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl import db, liveness, runs
+from etl import db, liveness
 from etl.client import TraktClient
 from etl.config import Config, ScheduleConfig
 from etl.errors import ConfigError, ExitCode, TraktEtlError
@@ -64,12 +64,7 @@ def trigger_for(schedule: ScheduleConfig) -> Any:
 
 def schedule_period_s(schedule: ScheduleConfig) -> float:
     """Seconds between two runs: the interval, or the gap between a cron line's next firings."""
-    if schedule.interval_seconds is not None:
-        return float(schedule.interval_seconds)
-    trigger = CronTrigger.from_crontab(schedule.cron, timezone=UTC)
-    first = trigger.get_next_fire_time(None, datetime.now(UTC))
-    second = trigger.get_next_fire_time(first, first + timedelta(microseconds=1))
-    return float((second - first).total_seconds())
+    return schedule.period_s()
 
 
 def run_timeout_s(schedule: ScheduleConfig) -> float:
@@ -233,8 +228,14 @@ class Daemon:
             return
         assert self._worker_id is not None
         try:
+            heartbeat_s = self._config.schedule.heartbeat_s
             with self._engine.begin() as connection:
-                liveness.beat(connection, self._worker_id, self._clock())
+                liveness.beat(
+                    connection,
+                    self._worker_id,
+                    self._clock(),
+                    lease_s=liveness.stale_after(heartbeat_s),
+                )
         except SQLAlchemyError as exc:
             log.warning("heartbeat.failed", error=str(getattr(exc, "orig", exc)))
 
@@ -247,20 +248,13 @@ class Daemon:
                 now = self._clock()
                 self._worker_id = liveness.register_worker(connection, kind="daemon", now=now)
                 stale = liveness.stale_after(self._config.schedule.heartbeat_s)
-                dead = liveness.dead_runs(connection, now, stale_after_s=stale)
-                runs.abort_runs(connection, dead, now, "left running by a process that stopped")
+                liveness.abort_dead(connection, now, stale_after_s=stale)
         except TraktEtlError as exc:
             log.error("daemon.database_unavailable", error=str(exc))
             return False
         except SQLAlchemyError as exc:
             log.error("daemon.database_unavailable", error=str(getattr(exc, "orig", exc)))
             return False
-        for run_id in dead:
-            log.warning(
-                "run.aborted_found",
-                dead_run_id=run_id,
-                reason="left running by a process that stopped",
-            )
         return True
 
     # --- one run -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl import __version__
+from etl import __version__, claims, runs
 from etl.models import sync_runs, workers
 from etl.runs import RunStatus
 
@@ -60,8 +60,10 @@ def register_worker(connection: Connection, *, kind: str, now: datetime) -> int:
     return int(key[0])
 
 
-def beat(connection: Connection, worker_id: int, now: datetime) -> None:
-    """Refresh the worker's heartbeat and its running run's, and note which run that is."""
+def beat(
+    connection: Connection, worker_id: int, now: datetime, *, lease_s: float | None = None
+) -> None:
+    """Refresh the worker's heartbeat, its running run's and its account leases."""
     running = connection.execute(
         select(sync_runs.c.id).where(
             sync_runs.c.worker_id == worker_id, sync_runs.c.status == RunStatus.RUNNING
@@ -76,6 +78,8 @@ def beat(connection: Connection, worker_id: int, now: datetime) -> None:
         connection.execute(
             update(sync_runs).where(sync_runs.c.id == running).values(heartbeat_at=now)
         )
+    if lease_s is not None:
+        claims.renew(connection, worker_id, now, lease_s)
 
 
 def retire_worker(connection: Connection, worker_id: int, now: datetime) -> None:
@@ -109,6 +113,23 @@ def dead_runs(connection: Connection, now: datetime, *, stale_after_s: float) ->
     return dead
 
 
+DEAD_RUN_REASON = "left running by a process that stopped"
+
+
+def abort_dead(connection: Connection, now: datetime, *, stale_after_s: float) -> list[int]:
+    """Close the runs whose process died as `aborted`, and free the accounts it had leased."""
+    dead = dead_runs(connection, now, stale_after_s=stale_after_s)
+    if dead:
+        runs.abort_runs(connection, dead, now, DEAD_RUN_REASON)
+        owners = select(sync_runs.c.worker_id).where(
+            sync_runs.c.id.in_(dead), sync_runs.c.worker_id.is_not(None)
+        )
+        claims.release_owned_by(connection, owners)
+        for run_id in dead:
+            log.warning("run.aborted_found", dead_run_id=run_id, reason=DEAD_RUN_REASON)
+    return dead
+
+
 class Heartbeat:
     """A background thread that beats every `interval_s` until stopped (for `trakt-etl sync`;
     the daemon beats from its scheduler instead, so that a stuck scheduler goes stale)."""
@@ -139,6 +160,11 @@ class Heartbeat:
         while not self._stop.wait(self._interval_s):
             try:
                 with self._engine.begin() as connection:
-                    beat(connection, self._worker_id, self._clock())
+                    beat(
+                        connection,
+                        self._worker_id,
+                        self._clock(),
+                        lease_s=stale_after(self._interval_s),
+                    )
             except SQLAlchemyError as exc:
                 log.warning("heartbeat.failed", error=str(getattr(exc, "orig", exc)))

@@ -11,8 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from etl.models import account_syncs, accounts, raw_payloads, sync_runs
 
@@ -65,8 +67,9 @@ def sync_accounts(
     }
     new = [spec for name, spec in wanted.items() if name not in known]
     if new:
+        # Several workers may add the same new accounts at once: the first one wins, quietly.
         connection.execute(
-            insert(accounts),
+            _insert_ignoring_duplicates(connection),
             [
                 {
                     "username": spec.username,
@@ -89,6 +92,18 @@ def sync_accounts(
             )
     ids = dict(connection.execute(select(accounts.c.username, accounts.c.id)).tuples().all())
     return {name: ids[name] for name in wanted}
+
+
+def _insert_ignoring_duplicates(connection: Connection) -> Any:
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(accounts).on_conflict_do_nothing(index_elements=["username"])
+    if dialect == "sqlite":
+        return sqlite.insert(accounts).on_conflict_do_nothing(index_elements=["username"])
+    if dialect in ("mysql", "mariadb"):
+        statement = mysql.insert(accounts)
+        return statement.on_duplicate_key_update(username=statement.inserted.username)
+    return insert(accounts)
 
 
 def abort_runs(connection: Connection, run_ids: list[int], now: datetime, reason: str) -> None:
@@ -198,7 +213,14 @@ class AccountOutcome:
     attempts: int = 1
 
 
-def record_outcome(connection: Connection, run_id: int, outcome: AccountOutcome) -> None:
+def record_outcome(
+    connection: Connection,
+    run_id: int,
+    outcome: AccountOutcome,
+    *,
+    next_due_at: datetime | None = None,
+) -> None:
+    """The account_syncs row, and the account's state: last attempt, due time, lease given up."""
     connection.execute(
         insert(account_syncs).values(
             run_id=run_id,
@@ -216,6 +238,9 @@ def record_outcome(connection: Connection, run_id: int, outcome: AccountOutcome)
     values: dict[str, object] = {
         "last_attempt_at": outcome.finished_at,
         "last_status": "ok" if outcome.ok else "failed",
+        "next_due_at": next_due_at,
+        "lease_owner": None,
+        "lease_expires_at": None,
     }
     if outcome.ok:
         values |= {

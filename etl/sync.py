@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from etl import liveness, runs
+from etl import claims, liveness, runs
 from etl.client import Fetched, TraktClient, adapter_for
 from etl.config import AccountConfig, Config
 from etl.diff import diff_rows
@@ -81,12 +81,26 @@ class RunControl:
 class Attempt:
     """What a fetch worker hands the writer for one account: the answer or the failure."""
 
+    claim: claims.Claim
     account: AccountConfig
     started_at: datetime
     started: float  # monotonic, for duration_ms
     fetched: Fetched | None = None
     snapshot: Snapshot | None = None
     error: FetchError | None = None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one run syncs, and what it has claimed but not yet written."""
+
+    by_name: dict[str, AccountConfig]
+    only: list[str] | None
+    due_only: bool
+    as_of: datetime
+    next_due_at: datetime
+    unwritten: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -156,23 +170,84 @@ class Syncer:
         commits, the others are left wholly as they were, and the run is closed `aborted`.
         """
         targets = select_accounts(self._config, only)
+        scheduled = trigger == "schedule"
         as_of = self._clock()
         started = time.monotonic()
         try:
-            run_id, ids = self._open_run(targets, as_of, trigger)
+            run_id, expected = self._open_run(targets, as_of, trigger, due_only=scheduled)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot start the run: {_db_reason(exc)}") from exc
+        plan = _Plan(
+            by_name={a.username: a for a in targets},
+            only=None if not only else list(dict.fromkeys(only)),
+            due_only=scheduled,
+            as_of=as_of,
+            next_due_at=claims.next_window(as_of, self._config.schedule.period_s()),
+        )
         with (
             structlog.contextvars.bound_contextvars(run_id=run_id),
             self._writer() as writer,
         ):
-            log.info("run.started", accounts=len(targets), trigger=trigger)
+            log.info("run.started", accounts=expected, trigger=trigger)
             tally = Tally()
-            for attempt in self._fetch_all(run_id, targets):
-                self._store(writer, run_id, ids[attempt.account.username], attempt, as_of, tally)
-            left = len(targets) - tally.total
-            reason = self._control.reason() if left else None
+            for attempt in self._fetch_all(run_id, self._claimed(plan)):
+                self._store(writer, run_id, attempt, as_of, plan.next_due_at, tally)
+                plan.unwritten.discard(attempt.claim.account_id)
+            left = len(plan.unwritten)
+            reason = self._control.reason()
+            self._release(plan)
             return self._close_run(writer, run_id, tally, started, left=left, reason=reason)
+
+    def _claimed(self, plan: _Plan) -> Iterator[tuple[claims.Claim, AccountConfig]]:
+        """Accounts this worker may sync now, leased to it in small batches as it goes.
+
+        A scheduled run takes the due ones; a manual run every selected account it has not
+        synced yet (last attempted before the run began). Accounts another worker holds are
+        skipped: they are being synced already.
+        """
+        batch = max(10, 4 * self._config.api.concurrency)
+        lease_s = self._stale_after_s
+        while self._control.reason() is None:
+            try:
+                with self._engine.begin() as connection:
+                    found = claims.claim(
+                        connection,
+                        worker_id=self._worker_id,
+                        now=self._clock(),
+                        lease_s=lease_s,
+                        limit=batch,
+                        only=plan.only,
+                        due_at=plan.as_of if plan.due_only else None,
+                        attempted_before=None if plan.due_only else plan.as_of,
+                    )
+            except SQLAlchemyError as exc:
+                raise DatabaseError(f"cannot claim accounts: {_db_reason(exc)}") from exc
+            if not found:
+                return
+            strangers = [c for c in found if c.username not in plan.by_name]
+            if strangers:
+                # Enabled in the database, absent from this worker's config: another worker's.
+                log.warning(
+                    "accounts.not_configured_here", usernames=[c.username for c in strangers]
+                )
+                self._give_back([c.account_id for c in strangers])
+                plan.skipped.update(c.account_id for c in strangers)
+            for found_claim in found:
+                if found_claim.username in plan.by_name:
+                    plan.unwritten.add(found_claim.account_id)
+                    yield found_claim, plan.by_name[found_claim.username]
+
+    def _release(self, plan: _Plan) -> None:
+        """Accounts claimed but not written (a stopped run) go back for others to take now."""
+        if plan.unwritten:
+            self._give_back(sorted(plan.unwritten))
+
+    def _give_back(self, account_ids: list[int]) -> None:
+        try:
+            with self._engine.begin() as connection:
+                claims.release(connection, account_ids)
+        except SQLAlchemyError as exc:  # their leases expire anyway
+            log.warning("accounts.release_failed", error=_db_reason(exc))
 
     def _writer(self) -> Connection:
         """The one connection all of a run's writes go through, one transaction per account.
@@ -185,7 +260,9 @@ class Syncer:
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot connect for the run: {_db_reason(exc)}") from exc
 
-    def _fetch_all(self, run_id: int, targets: Sequence[AccountConfig]) -> Iterator[Attempt]:
+    def _fetch_all(
+        self, run_id: int, targets: Iterator[tuple[claims.Claim, AccountConfig]]
+    ) -> Iterator[Attempt]:
         """Fetch and normalize on `api.concurrency` threads, yielding as answers arrive.
 
         At most two answers per worker are in flight or waiting, so memory does not grow with
@@ -197,8 +274,8 @@ class Syncer:
         queue = iter(targets)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
         try:
-            for account in itertools.islice(queue, 2 * workers):
-                pending.add(pool.submit(self._fetch_one, run_id, account))
+            for claimed, account in itertools.islice(queue, 2 * workers):
+                pending.add(pool.submit(self._fetch_one, run_id, claimed, account))
             while pending and control.reason() is None:
                 left = control.time_left()
                 done, pending = wait(
@@ -208,8 +285,8 @@ class Syncer:
                 )
                 for future in done:
                     if control.reason() is None:
-                        for account in itertools.islice(queue, 1):
-                            pending.add(pool.submit(self._fetch_one, run_id, account))
+                        for claimed, account in itertools.islice(queue, 1):
+                            pending.add(pool.submit(self._fetch_one, run_id, claimed, account))
                     attempt = future.result()
                     if attempt is not None and control.reason() is None:
                         yield attempt
@@ -218,7 +295,9 @@ class Syncer:
             # accounts stay wholly as they were. Their threads end with their request timeout.
             pool.shutdown(wait=control.reason() is None, cancel_futures=True)
 
-    def _fetch_one(self, run_id: int, account: AccountConfig) -> Attempt | None:
+    def _fetch_one(
+        self, run_id: int, claimed: claims.Claim, account: AccountConfig
+    ) -> Attempt | None:
         """Runs on a worker thread: the HTTP fetch and the pure normalizing, never the database.
 
         None when the run was stopped before this account's request could go out.
@@ -234,49 +313,51 @@ class Syncer:
             except Stopped:
                 return None
             except FetchError as error:
-                return Attempt(account, started_at, started, error=error)
+                return Attempt(claimed, account, started_at, started, error=error)
             except Exception as exc:  # a bug must not cost the other accounts their sync
                 log.exception("account.internal_error")
                 internal = FetchError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
-                return Attempt(account, started_at, started, error=internal)
-            return Attempt(account, started_at, started, fetched=fetched, snapshot=snapshot)
+                return Attempt(claimed, account, started_at, started, error=internal)
+            return Attempt(
+                claimed, account, started_at, started, fetched=fetched, snapshot=snapshot
+            )
 
     def _open_run(
-        self, targets: Sequence[AccountConfig], as_of: datetime, trigger: str
-    ) -> tuple[int, dict[str, int]]:
+        self, targets: Sequence[AccountConfig], as_of: datetime, trigger: str, *, due_only: bool
+    ) -> tuple[int, int]:
+        """Close dead runs, match `accounts` to the config, open this run; return its id and
+        how many accounts it expects to sync (others may take some of the due ones)."""
         specs = [
             runs.AccountSpec(a.username, self._config.version_of(a), a.enabled)
             for a in self._config.accounts
         ]
         with self._engine.begin() as connection:
-            dead = liveness.dead_runs(connection, as_of, stale_after_s=self._stale_after_s)
-            reason = "left running by a process that stopped"
-            runs.abort_runs(connection, dead, as_of, reason)
-            for run_id in dead:
-                log.warning("run.aborted_found", dead_run_id=run_id, reason=reason)
-            ids = runs.sync_accounts(connection, specs, as_of)
+            liveness.abort_dead(connection, as_of, stale_after_s=self._stale_after_s)
+            runs.sync_accounts(connection, specs, as_of)
+            expected = claims.count_due(connection, as_of) if due_only else len(targets)
             deadline_s = self._control.deadline_s
             run_id = runs.start_run(
                 connection,
                 started_at=as_of,
                 trigger=trigger,
-                total=len(targets),
+                total=expected,
                 worker_id=self._worker_id,
                 deadline_at=None if deadline_s is None else as_of + timedelta(seconds=deadline_s),
             )
-        return run_id, ids
+        return run_id, expected
 
     def _store(
         self,
         writer: Connection,
         run_id: int,
-        account_id: int,
         attempt: Attempt,
         as_of: datetime,
+        next_due_at: datetime,
         tally: Tally,
     ) -> None:
         """The writer's part for one account: its transaction, its log lines, the tally."""
         account = attempt.account
+        account_id = attempt.claim.account_id
         with (
             structlog.contextvars.bound_contextvars(username=account.username),
             account_secrets(account.secrets()),
@@ -287,7 +368,14 @@ class Syncer:
             if error is None and fetched is not None and snapshot is not None:
                 try:
                     changes = self._write(
-                        writer, run_id, account_id, fetched, snapshot, as_of, attempt.started_at
+                        writer,
+                        run_id,
+                        account_id,
+                        fetched,
+                        snapshot,
+                        as_of,
+                        attempt.started_at,
+                        next_due_at,
                     )
                 except FetchError as storage_error:
                     error = storage_error
@@ -298,6 +386,7 @@ class Syncer:
                     account_id,
                     attempt.started_at,
                     error or FetchError(ErrorKind.INTERNAL, "nothing fetched"),
+                    next_due_at,
                 )
                 tally.failed += 1
                 return
@@ -322,23 +411,30 @@ class Syncer:
         snapshot: Snapshot,
         as_of: datetime,
         started_at: datetime,
+        next_due_at: datetime,
     ) -> list[Change]:
-        """Everything of one account in one transaction: history, events, payload, bookkeeping."""
+        """Everything of one account in one transaction: history, events, payload, bookkeeping.
+
+        A body identical to the latest one stored for the account cannot change anything: it
+        costs one lookup and the bookkeeping, with no reading of current rows and no diff.
+        """
+        sha = hashlib.sha256(fetched.body.encode("utf-8")).hexdigest()
+        changes: list[Change] = []
         try:
             with writer.begin():
-                current = load_current(writer, account_id)
-                changes = diff_rows([item.row for item in current], snapshot.rows())
-                write_history(
-                    writer,
-                    account_id=account_id,
-                    run_id=run_id,
-                    as_of=as_of,
-                    current=current,
-                    fetched=snapshot,
-                    changes=changes,
-                )
-                sha = hashlib.sha256(fetched.body.encode("utf-8")).hexdigest()
-                if runs.latest_payload_sha(writer, account_id) != sha:
+                unchanged = runs.latest_payload_sha(writer, account_id) == sha
+                if not unchanged:
+                    current = load_current(writer, account_id)
+                    changes = diff_rows([item.row for item in current], snapshot.rows())
+                    write_history(
+                        writer,
+                        account_id=account_id,
+                        run_id=run_id,
+                        as_of=as_of,
+                        current=current,
+                        fetched=snapshot,
+                        changes=changes,
+                    )
                     runs.store_payload(
                         writer,
                         account_id=account_id,
@@ -360,6 +456,7 @@ class Syncer:
                         http_status=fetched.http_status,
                         attempts=fetched.attempts,
                     ),
+                    next_due_at=next_due_at,
                 )
         except DBAPIError as exc:
             if exc.connection_invalidated or _is_unreachable(exc):
@@ -380,6 +477,7 @@ class Syncer:
         account_id: int,
         started_at: datetime,
         error: FetchError,
+        next_due_at: datetime,
     ) -> None:
         message = current_account_redactor().redact(self._redactor.redact(error.message))
         try:
@@ -397,6 +495,7 @@ class Syncer:
                         error_message=message,
                         attempts=error.attempts,
                     ),
+                    next_due_at=next_due_at,
                 )
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot record a failed account: {_db_reason(exc)}") from exc
