@@ -67,7 +67,12 @@ def _make_sqlite_transactional(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE takes the write lock up front. A deferred transaction that reads, then
+        # writes after another connection committed, fails at once with "database is locked"
+        # (WAL cannot upgrade its stale snapshot) instead of waiting out the busy timeout; the
+        # heartbeat thread and the writer would meet that. Only one process writes (etl.dblock), its
+        # transactions are short, and other programs' readers are never blocked by WAL.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def check_reachable(engine: Engine) -> None:

@@ -118,9 +118,10 @@ DEAD_RUN_REASON = "left running by a process that stopped"
 
 def abort_dead(connection: Connection, now: datetime, *, stale_after_s: float) -> list[int]:
     """Close the runs whose process died as `aborted`, and free the accounts it had leased."""
-    dead = dead_runs(connection, now, stale_after_s=stale_after_s)
+    dead = runs.abort_runs(
+        connection, dead_runs(connection, now, stale_after_s=stale_after_s), now, DEAD_RUN_REASON
+    )
     if dead:
-        runs.abort_runs(connection, dead, now, DEAD_RUN_REASON)
         owners = select(sync_runs.c.worker_id).where(
             sync_runs.c.id.in_(dead), sync_runs.c.worker_id.is_not(None)
         )

@@ -106,14 +106,26 @@ def _insert_ignoring_duplicates(connection: Connection) -> Any:
     return insert(accounts)
 
 
-def abort_runs(connection: Connection, run_ids: list[int], now: datetime, reason: str) -> None:
-    """Close runs whose process died (`liveness.dead_runs` finds them) as `aborted`."""
-    if run_ids:
-        connection.execute(
+def abort_runs(
+    connection: Connection, run_ids: list[int], now: datetime, reason: str
+) -> list[int]:
+    """Close runs whose process died (`liveness.dead_runs` finds them) as `aborted`; return
+    the ones this call closed.
+
+    Two workers may find the same dead run at once: the database lets one UPDATE see the run
+    still `running`, so exactly one of them closes (and reports) it. One statement per run, since
+    MariaDB has no UPDATE ... RETURNING; dead runs are rare.
+    """
+    closed: list[int] = []
+    for run_id in run_ids:
+        result = connection.execute(
             update(sync_runs)
-            .where(sync_runs.c.id.in_(run_ids), sync_runs.c.status == RunStatus.RUNNING)
+            .where(sync_runs.c.id == run_id, sync_runs.c.status == RunStatus.RUNNING)
             .values(status=RunStatus.ABORTED, finished_at=now, error=reason)
         )
+        if result.rowcount:
+            closed.append(run_id)
+    return closed
 
 
 def start_run(

@@ -57,6 +57,32 @@ def test_dead_runs__by_pid_here_and_by_heartbeat_anywhere(engine: Engine) -> Non
     assert fresh_elsewhere not in dead
 
 
+def test_abort_dead__two_workers_at_once_close_and_report_a_dead_run_once(
+    engine: Engine,
+) -> None:
+    """Two workers finding the same dead run at once: one closes it, the other sees it closed."""
+    dead = add_run(engine, host=liveness.HOST, pid=a_dead_pid(), heartbeat_at=NOW)
+    found: dict[str, list[int]] = {}
+    second = threading.Thread(target=lambda: found.update(second=abort_in_new_transaction()))
+
+    def abort_in_new_transaction() -> list[int]:
+        with engine.begin() as connection:
+            return liveness.abort_dead(connection, NOW, stale_after_s=60)
+
+    with engine.begin() as connection:
+        found["first"] = liveness.abort_dead(connection, NOW, stale_after_s=60)
+        second.start()  # its UPDATE waits for this transaction's row lock (or SQLite's)
+        second.join(timeout=0.5)
+    second.join(timeout=30)
+
+    assert found == {"first": [dead], "second": []}
+    with engine.connect() as connection:
+        status = connection.execute(
+            select(sync_runs.c.status).where(sync_runs.c.id == dead)
+        ).scalar_one()
+    assert status == "aborted"
+
+
 def test_worker_heartbeat__refreshes_worker_and_its_running_run(engine: Engine) -> None:
     """beat() moves the worker's heartbeat and that of the run it is running."""
     with engine.begin() as connection:
