@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.harness import fake_api, machine, measured_sync, scratch, usernames, write_config
+from benchmarks.harness import (
+    FakeApi,
+    describe,
+    machine,
+    measured_sync,
+    scratch,
+    usernames,
+    write_config,
+)
 
 
 def main() -> int:
@@ -22,15 +30,15 @@ def main() -> int:
     args = parser.parse_args()
 
     users = usernames(args.accounts)
-    print(f"{machine()}\n{args.accounts} accounts, {args.latency_ms:g} ms server latency")
+    print(f"{describe(machine())}\n{args.accounts} accounts, {args.latency_ms:g} ms server latency")
     print(f"{'concurrency':>11} {'wall s':>8} {'cpu s':>7} {'floor s':>8} {'exit':>4}")
     results = {}
-    with fake_api(args.accounts, args.latency_ms) as base_url:
+    with FakeApi(args.accounts, latency_ms=args.latency_ms) as fake:
         for workers in args.concurrency:
             with scratch() as directory:
                 config = write_config(
                     directory,
-                    base_url,
+                    fake.base_url,
                     users,
                     f"sqlite:///{directory / 'bench.db'}",
                     concurrency=workers,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.harness import (
-    fake_api,
+    FakeApi,
+    describe,
     machine,
     measured_config_load,
     measured_sync,
@@ -29,18 +30,18 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    print(f"{machine()}\nconcurrency {args.concurrency}, no latency, SQLite")
+    print(f"{describe(machine())}\nconcurrency {args.concurrency}, no latency, SQLite")
     print(
         f"{'accounts':>8} {'sync peak MB':>12} {'config MB':>9} {'sync adds MB':>12} "
         f"{'wall s':>7} {'cpu s':>6} {'exit':>4}"
     )
     peaks, added = {}, {}
-    with fake_api(max(args.accounts)) as base_url:
+    with FakeApi(max(args.accounts)) as fake:
         for count in args.accounts:
             with scratch() as directory:
                 config = write_config(
                     directory,
-                    base_url,
+                    fake.base_url,
                     usernames(count),
                     f"sqlite:///{directory / 'bench.db'}",
                     concurrency=args.concurrency,

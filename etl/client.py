@@ -9,6 +9,7 @@ into its exception messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -54,14 +55,23 @@ class _Answer:
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """A success answer for one account, decoded but not yet normalized."""
+    """A success answer for one account, decoded but not yet normalized.
+
+    An answer whose body is byte for byte the one stored last time (`known_sha256`) is not
+    decoded at all: it was checked when it first came, and it cannot change anything.
+    """
 
     username: str
     api_version: int
-    body: str  # the text received, stored in raw_payloads
-    payload: Mapping[str, Any]
+    body: str | None  # the text received, stored in raw_payloads; None when unchanged
+    payload: Mapping[str, Any] | None  # None when unchanged
     http_status: int
     attempts: int
+    sha256: str = ""  # of the body's bytes
+
+    @property
+    def unchanged(self) -> bool:
+        return self.payload is None
 
 
 class ApiAdapter(Protocol):
@@ -173,6 +183,12 @@ class TraktClient:
         if session is None:
             session = self._session_factory()
             session.headers.setdefault("User-Agent", USER_AGENT)
+            # Proxies and CA bundles from the environment, read once: with trust_env on,
+            # requests re-reads them (and ~/.netrc) on every request.
+            found = session.merge_environment_settings(self._api.base_url, {}, None, None, None)
+            session.proxies.update(found["proxies"])
+            session.verify = found["verify"]
+            session.trust_env = False
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -181,11 +197,14 @@ class TraktClient:
                 self._sessions.append(session)
         return session
 
-    def fetch(self, account: AccountConfig, version: int) -> Fetched:
+    def fetch(
+        self, account: AccountConfig, version: int, known_sha256: str | None = None
+    ) -> Fetched:
         """The decoded success answer for `account`, or a `FetchError` saying what went wrong.
 
         Retries transient failures up to `api.retries` times; the error or the answer records
-        how many attempts it took.
+        how many attempts it took. A body whose SHA-256 is `known_sha256` comes back unchanged
+        and undecoded (`Fetched.unchanged`).
         """
         redactor = self._redactor.with_secrets(account.secrets())
         retrying = Retrying(
@@ -201,7 +220,7 @@ class TraktClient:
             for attempt in retrying:
                 with attempt:
                     attempt_number = attempt.retry_state.attempt_number
-                    fetched = self._fetch_once(account, version)
+                    fetched = self._fetch_once(account, version, known_sha256)
                     return replace(fetched, attempts=attempt_number)
         except FetchError as exc:
             exc.attempts = attempt_number
@@ -229,11 +248,16 @@ class TraktClient:
                 wait_s=round(state.upcoming_sleep, 3),
             )
 
-    def _fetch_once(self, account: AccountConfig, version: int) -> Fetched:
+    def _fetch_once(
+        self, account: AccountConfig, version: int, known_sha256: str | None
+    ) -> Fetched:
         adapter = adapter_for(version)
         request = adapter.request(self._api, account)
         answer = self._send(request)
         status = answer.status
+        sha256 = hashlib.sha256(answer.body).hexdigest()
+        if status == 200 and sha256 == known_sha256:
+            return Fetched(account.username, version, None, None, status, 1, sha256)
         retry_after = answer.pause if status in (429, 503) else None
         try:
             payload = _parse_json(_decode(answer.body, status), status, answer.content_type)
@@ -256,7 +280,7 @@ class TraktClient:
             exc.http_status = status
             raise
         return Fetched(
-            account.username, version, answer.body.decode("utf-8"), checked, status, attempts=1
+            account.username, version, answer.body.decode("utf-8"), checked, status, 1, sha256
         )
 
     def _send(self, request: Request) -> _Answer:

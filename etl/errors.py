@@ -8,6 +8,7 @@ place that turns them into messages and exit codes (`exit_code_for`).
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -90,6 +91,26 @@ class FetchError(TraktEtlError):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Fetch processes send their errors to the writer pickled; the default would call
+        # FetchError(str(self)) and lose the kind.
+        return (
+            _rebuild_fetch_error,
+            (self.kind, self.message, self.http_status, self.attempts, self.retry_after),
+        )
+
+
+def _rebuild_fetch_error(
+    kind: ErrorKind,
+    message: str,
+    http_status: int | None,
+    attempts: int,
+    retry_after: float | None,
+) -> FetchError:
+    return FetchError(
+        kind, message, http_status=http_status, attempts=attempts, retry_after=retry_after
+    )
 
 
 class Stopped(TraktEtlError):

@@ -587,15 +587,16 @@ class FakeTrakt:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> str:
+    def start(self, port: int = 0, *, reuse_port: bool = False) -> str:
         """Listen on 127.0.0.1:``port`` (a free port when 0), serve in a daemon thread.
 
         Returns the base URL ``http://127.0.0.1:PORT``; raises RuntimeError if already started.
+        With ``reuse_port``, other processes may listen on the same port and share the load.
         """
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("the fake trakt API is already started")
-            self._server = HttpServer(self, port)
+            self._server = HttpServer(self, port, reuse_port=reuse_port)
         return self.base_url
 
     def stop(self) -> None:

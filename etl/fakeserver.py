@@ -329,9 +329,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class HttpServer:
-    """Serves `responder` on 127.0.0.1:`port` from an event loop in a daemon thread."""
+    """Serves `responder` on 127.0.0.1:`port` from an event loop in a daemon thread.
 
-    def __init__(self, responder: Responder, port: int = 0) -> None:
+    `reuse_port` lets several processes listen on one port (SO_REUSEPORT), the kernel sharing
+    the connections between them: the benchmarks run the fake that way on every core.
+    """
+
+    def __init__(self, responder: Responder, port: int = 0, *, reuse_port: bool = False) -> None:
         self.responder = responder
         self.connections: set[_Connection] = set()
         self.stopping = False
@@ -341,7 +345,7 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
         self._thread = threading.Thread(
-            target=self._run, args=(port,), name="fake-trakt", daemon=True
+            target=self._run, args=(port, reuse_port), name="fake-trakt", daemon=True
         )
         self._thread.start()
         self._ready.wait()
@@ -349,12 +353,17 @@ class HttpServer:
             raise self._error
         self._thread.name = f"fake-trakt-{self.port}"
 
-    def _run(self, port: int) -> None:
+    def _run(self, port: int, reuse_port: bool) -> None:
         asyncio.set_event_loop(self._loop)
         try:
             self._server = self._loop.run_until_complete(
                 self._loop.create_server(
-                    lambda: _Connection(self), "127.0.0.1", port, reuse_address=True, backlog=1024
+                    lambda: _Connection(self),
+                    "127.0.0.1",
+                    port,
+                    reuse_address=True,
+                    reuse_port=reuse_port or None,
+                    backlog=1024,
                 )
             )
             self.port = self._server.sockets[0].getsockname()[1]

@@ -1,8 +1,9 @@
 """The SCD type 2 history writer: current rows in, closed and new rows and change events out.
 
-Explicit on purpose (no ORM flush hooks): `write_history` takes the account's current rows, the
-fetched snapshot, the changes between them and the run's `as_of`, and issues the statements. The
-caller owns the transaction, so one account's rows commit together or not at all.
+Explicit on purpose (no ORM flush hooks): `write_history` takes, for a batch of accounts, their
+current rows, the fetched snapshots, the changes between them and the run's `as_of`, and issues
+the statements, a few per batch rather than per account. The caller owns the transaction, so each
+account's rows commit together or not at all.
 """
 
 from __future__ import annotations
@@ -51,44 +52,68 @@ class StoredRow:
     row: EntityRow
 
 
-def load_current(connection: Connection, account_id: int) -> list[StoredRow]:
-    """Every current (valid_to IS NULL) history row of one account."""
-    rows: list[StoredRow] = []
+@dataclass(frozen=True, slots=True)
+class AccountChanges:
+    """One account's part of a batch: its stored current rows, what was fetched, the diff."""
+
+    account_id: int
+    current: Sequence[StoredRow]
+    fetched: Snapshot
+    changes: Sequence[Change]
+
+
+def load_current(
+    connection: Connection, account_ids: Sequence[int]
+) -> dict[int, list[StoredRow]]:
+    """Every current (valid_to IS NULL) history row of these accounts: three queries in all."""
+    rows: dict[int, list[StoredRow]] = {account_id: [] for account_id in account_ids}
+    if not account_ids:
+        return rows
     for entity, table in _TABLES.items():
         key_column = _KEY_COLUMN[entity]
-        columns = [table.c.id, table.c.row_hash, *(table.c[c] for c in _VALUE_COLUMNS[entity])]
+        names = _VALUE_COLUMNS[entity]
+        columns = [table.c.account_id, table.c.id, table.c.row_hash, *(table.c[c] for c in names)]
         if key_column:
             columns.append(table.c[key_column])
-        query = select(*columns).where(table.c.account_id == account_id, table.c.valid_to.is_(None))
-        for record in connection.execute(query).mappings():
-            values = {name: record[name] for name in _VALUE_COLUMNS[entity]}
-            key = record[key_column] if key_column else None
-            rows.append(StoredRow(record["id"], EntityRow(entity, key, values, record["row_hash"])))
+        query = select(*columns).where(
+            table.c.account_id.in_(list(account_ids)), table.c.valid_to.is_(None)
+        )
+        for record in connection.execute(query):
+            values = {name: record._mapping[name] for name in names}
+            key = record._mapping[key_column] if key_column else None
+            stored = StoredRow(record.id, EntityRow(entity, key, values, record.row_hash))
+            rows[record.account_id].append(stored)
     return rows
 
 
 def write_history(
     connection: Connection,
     *,
-    account_id: int,
     run_id: int,
     as_of: datetime,
-    current: Sequence[StoredRow],
-    fetched: Snapshot,
-    changes: Sequence[Change],
+    accounts: Sequence[AccountChanges],
 ) -> None:
-    """Close the rows that changed or vanished, insert their successors, record the changes.
+    """Close the rows that changed or vanished, insert their successors, record the changes:
+    for a whole batch of accounts, one statement per table and kind.
 
     A closed row's valid_to is `as_of`, which is also its successor's valid_from: contiguous.
+    Closes go first, so the one-current-row index never sees two current rows.
     """
-    if not changes:
-        return
-    touched = {(change.entity, change.key) for change in changes}
-    stored = {item.row.identity: item for item in current}
-    _close(connection, as_of, [stored[i] for i in touched if i in stored])
-    successors = [row for row in fetched.rows() if row.identity in touched]
-    _insert_rows(connection, account_id, run_id, as_of, successors)
-    _insert_events(connection, account_id, run_id, as_of, changes)
+    closing: list[StoredRow] = []
+    successors: list[tuple[int, EntityRow]] = []
+    events: list[tuple[int, Change]] = []
+    for account in accounts:
+        if not account.changes:
+            continue
+        touched = {(change.entity, change.key) for change in account.changes}
+        closing += [item for item in account.current if item.row.identity in touched]
+        successors += [
+            (account.account_id, row) for row in account.fetched.rows() if row.identity in touched
+        ]
+        events += [(account.account_id, change) for change in account.changes]
+    _close(connection, as_of, closing)
+    _insert_rows(connection, run_id, as_of, successors)
+    _insert_events(connection, run_id, as_of, events)
 
 
 def _close(connection: Connection, as_of: datetime, rows: Iterable[StoredRow]) -> None:
@@ -106,13 +131,12 @@ def _close(connection: Connection, as_of: datetime, rows: Iterable[StoredRow]) -
 
 def _insert_rows(
     connection: Connection,
-    account_id: int,
     run_id: int,
     as_of: datetime,
-    rows: Iterable[EntityRow],
+    rows: Iterable[tuple[int, EntityRow]],
 ) -> None:
     by_entity: dict[Entity, list[dict[str, Any]]] = {}
-    for row in rows:
+    for account_id, row in rows:
         record: dict[str, Any] = {
             "account_id": account_id,
             "run_id": run_id,
@@ -131,11 +155,12 @@ def _insert_rows(
 
 def _insert_events(
     connection: Connection,
-    account_id: int,
     run_id: int,
     as_of: datetime,
-    changes: Iterable[Change],
+    changes: Sequence[tuple[int, Change]],
 ) -> None:
+    if not changes:
+        return
     connection.execute(
         insert(change_events),
         [
@@ -151,7 +176,7 @@ def _insert_events(
                 "old_value": None if change.change is ChangeKind.ADDED else _json(change.old),
                 "new_value": None if change.change is ChangeKind.REMOVED else _json(change.new),
             }
-            for change in changes
+            for account_id, change in changes
         ],
     )
 

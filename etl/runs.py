@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from etl.models import account_syncs, accounts, raw_payloads, sync_runs
@@ -179,34 +179,40 @@ def finish_run(
     )
 
 
-def latest_payload_sha(connection: Connection, account_id: int) -> str | None:
-    latest = (
-        select(func.max(raw_payloads.c.id)).where(raw_payloads.c.account_id == account_id)
-    ).scalar_subquery()
-    return connection.execute(
-        select(raw_payloads.c.sha256).where(raw_payloads.c.id == latest)
-    ).scalar_one_or_none()
+@dataclass(frozen=True, slots=True)
+class StoredPayload:
+    """A body that differs from the account's latest: a new raw_payloads row."""
+
+    account_id: int
+    fetched_at: datetime
+    api_version: int
+    sha256: str
+    body: str
 
 
-def store_payload(
-    connection: Connection,
-    *,
-    account_id: int,
-    run_id: int,
-    fetched_at: datetime,
-    api_version: int,
-    sha256: str,
-    body: str,
-) -> None:
+def store_payloads(connection: Connection, run_id: int, payloads: Sequence[StoredPayload]) -> None:
+    """The new bodies, and each account's `payload_sha256`: what the next fetch compares with."""
+    if not payloads:
+        return
     connection.execute(
-        insert(raw_payloads).values(
-            account_id=account_id,
-            run_id=run_id,
-            fetched_at=fetched_at,
-            api_version=api_version,
-            sha256=sha256,
-            body=body,
-        )
+        insert(raw_payloads),
+        [
+            {
+                "account_id": payload.account_id,
+                "run_id": run_id,
+                "fetched_at": payload.fetched_at,
+                "api_version": payload.api_version,
+                "sha256": payload.sha256,
+                "body": payload.body,
+            }
+            for payload in payloads
+        ],
+    )
+    connection.execute(
+        update(accounts)
+        .where(accounts.c.id == bindparam("account"))
+        .values(payload_sha256=bindparam("sha")),
+        [{"account": payload.account_id, "sha": payload.sha256} for payload in payloads],
     )
 
 
@@ -225,44 +231,73 @@ class AccountOutcome:
     attempts: int = 1
 
 
-def record_outcome(
+def record_outcomes(
     connection: Connection,
     run_id: int,
-    outcome: AccountOutcome,
+    outcomes: Sequence[AccountOutcome],
     *,
+    now: datetime,
     next_due_at: datetime | None = None,
 ) -> None:
-    """The account_syncs row, and the account's state: last attempt, due time, lease given up."""
+    """The account_syncs rows, and each account's state: last attempt, due time, lease given up.
+
+    A statement per batch: the accounts that succeeded share one UPDATE (their last attempt is
+    the batch's `now`; account_syncs keeps each one's own times), the failed ones one
+    executemany, since each keeps its own error.
+    """
+    if not outcomes:
+        return
     connection.execute(
-        insert(account_syncs).values(
-            run_id=run_id,
-            account_id=outcome.account_id,
-            started_at=outcome.started_at,
-            finished_at=outcome.finished_at,
-            status="ok" if outcome.ok else "failed",
-            changed=outcome.changed,
-            http_status=outcome.http_status,
-            error_kind=outcome.error_kind,
-            error_message=outcome.error_message,
-            attempts=outcome.attempts,
-        )
+        insert(account_syncs),
+        [
+            {
+                "run_id": run_id,
+                "account_id": outcome.account_id,
+                "started_at": outcome.started_at,
+                "finished_at": outcome.finished_at,
+                "status": "ok" if outcome.ok else "failed",
+                "changed": outcome.changed,
+                "http_status": outcome.http_status,
+                "error_kind": outcome.error_kind,
+                "error_message": outcome.error_message,
+                "attempts": outcome.attempts,
+            }
+            for outcome in outcomes
+        ],
     )
-    values: dict[str, object] = {
-        "last_attempt_at": outcome.finished_at,
-        "last_status": "ok" if outcome.ok else "failed",
+    done: dict[str, object] = {
+        "last_attempt_at": now,
         "next_due_at": next_due_at,
         "lease_owner": None,
         "lease_expires_at": None,
     }
-    if outcome.ok:
-        values |= {
-            "last_success_at": outcome.finished_at,
-            "last_error": None,
-            "consecutive_failures": 0,
-        }
-    else:
-        values |= {
-            "last_error": outcome.error_message,
-            "consecutive_failures": accounts.c.consecutive_failures + 1,
-        }
-    connection.execute(update(accounts).where(accounts.c.id == outcome.account_id).values(values))
+    succeeded = [outcome.account_id for outcome in outcomes if outcome.ok]
+    if succeeded:
+        connection.execute(
+            update(accounts)
+            .where(accounts.c.id.in_(succeeded))
+            .values(
+                {
+                    **done,
+                    "last_status": "ok",
+                    "last_success_at": now,
+                    "last_error": None,
+                    "consecutive_failures": 0,
+                }
+            )
+        )
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    if failed:
+        connection.execute(
+            update(accounts)
+            .where(accounts.c.id == bindparam("account"))
+            .values(
+                {
+                    **done,
+                    "last_status": "failed",
+                    "last_error": bindparam("error"),
+                    "consecutive_failures": accounts.c.consecutive_failures + 1,
+                }
+            ),
+            [{"account": outcome.account_id, "error": outcome.error_message} for outcome in failed],
+        )

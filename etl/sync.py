@@ -1,93 +1,43 @@
-"""One sync run: fetch every due account, normalize, diff, and write each account atomically.
+"""One sync run: claim the due accounts, fetch them, and write them in atomic batches.
 
 The pipeline takes its seams as arguments (an engine, a client, a clock) and owns the order of
-things: bookkeeping first, then one transaction per account, then the run's closing line. The
-clock is read once per run: that `as_of` becomes every new row's valid_from.
+things: bookkeeping first; then accounts claimed in batches (`etl.claims`), fetched concurrently
+(`etl.fetch`, or `etl.fetchprocs` on several cores), and written in batches by one writer
+(`etl.writer`), each account whole or not at all; then the run's closing line. The clock is read
+once per run: that `as_of` becomes every new row's valid_from.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from etl import claims, liveness, runs
-from etl.client import Fetched, TraktClient, adapter_for
+from etl.client import TraktClient
 from etl.config import AccountConfig, Config
-from etl.diff import diff_rows
-from etl.errors import (
-    DatabaseError,
-    ErrorKind,
-    FetchError,
-    InvalidPayloadError,
-    Stopped,
-    UsageError,
-)
-from etl.history import load_current, write_history
-from etl.records import Change, Snapshot
-from etl.redact import Redactor, account_secrets, current_account_redactor
+from etl.control import RunControl
+from etl.errors import DatabaseError, UsageError
+from etl.fetch import Clock, Fetcher, FetchResult, FetchTask, ThreadFetcher
+from etl.redact import Redactor, account_secrets
+from etl.writer import BatchWriter, Written, reason
+
+__all__ = ["RunControl", "RunSummary", "Syncer", "select_accounts", "utc_now"]
 
 log = structlog.get_logger("etl.sync")
 
-Clock = Callable[[], datetime]
+# A batch is written when it has this many accounts, or its oldest waited this long.
+WRITE_BATCH = 200
+FLUSH_S = 0.25
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class RunControl:
-    """How a run is told to end early: a stop (a signal) or a deadline, whichever comes first.
-
-    The stop event is shared with the client, so its rate-limit waits and retry backoffs end
-    at once too.
-    """
-
-    def __init__(self, *, deadline_s: float | None = None, stop: threading.Event | None = None):
-        self.stop = stop or threading.Event()
-        self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        self.deadline_s = deadline_s
-        self._reason: str | None = None
-
-    def request_stop(self, reason: str) -> None:
-        if self._reason is None:
-            self._reason = reason
-        self.stop.set()
-
-    def reason(self) -> str | None:
-        """Why the run must end now, or None to go on."""
-        if self.stop.is_set():
-            return self._reason or "stopped"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            self.request_stop(f"the run deadline of {self.deadline_s:g}s passed")
-            return self._reason
-        return None
-
-    def time_left(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """What a fetch worker hands the writer for one account: the answer or the failure."""
-
-    claim: claims.Claim
-    account: AccountConfig
-    started_at: datetime
-    started: float  # monotonic, for duration_ms
-    fetched: Fetched | None = None
-    snapshot: Snapshot | None = None
-    error: FetchError | None = None
 
 
 @dataclass(slots=True)
@@ -100,7 +50,6 @@ class _Plan:
     as_of: datetime
     next_due_at: datetime
     unwritten: set[int] = field(default_factory=set)
-    skipped: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -166,8 +115,9 @@ class Syncer:
     def run(self, *, trigger: str = "manual", only: Sequence[str] | None = None) -> RunSummary:
         """Sync the selected accounts once; database failures raise `DatabaseError`.
 
-        A stop or a deadline (`RunControl`) ends the run early: the account being written
-        commits, the others are left wholly as they were, and the run is closed `aborted`.
+        A stop or a deadline (`RunControl`) ends the run early: what was fetched by then is
+        written, fetches in flight are abandoned (those accounts stay wholly as they were), and
+        the run is closed `aborted`.
         """
         targets = select_accounts(self._config, only)
         scheduled = trigger == "schedule"
@@ -176,7 +126,7 @@ class Syncer:
         try:
             run_id, expected = self._open_run(targets, as_of, trigger, due_only=scheduled)
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot start the run: {_db_reason(exc)}") from exc
+            raise DatabaseError(f"cannot start the run: {reason(exc)}") from exc
         plan = _Plan(
             by_name={a.username: a for a in targets},
             only=None if not only else list(dict.fromkeys(only)),
@@ -186,44 +136,113 @@ class Syncer:
         )
         with (
             structlog.contextvars.bound_contextvars(run_id=run_id),
-            self._writer() as writer,
+            self._writer_connection() as connection,
         ):
             log.info("run.started", accounts=expected, trigger=trigger)
+            writer = BatchWriter(
+                connection,
+                run_id=run_id,
+                as_of=as_of,
+                next_due_at=plan.next_due_at,
+                clock=self._clock,
+                redact=self._redactor.redact,
+            )
             tally = Tally()
-            for attempt in self._fetch_all(run_id, self._claimed(plan)):
-                self._store(writer, run_id, attempt, as_of, plan.next_due_at, tally)
-                plan.unwritten.discard(attempt.claim.account_id)
+            fetcher = self._fetcher(run_id)
+            try:
+                self._fetch_and_write(fetcher, writer, plan, tally)
+            finally:
+                fetcher.close()
             left = len(plan.unwritten)
-            reason = self._control.reason()
+            stopped = self._control.reason()
             self._release(plan)
-            return self._close_run(writer, run_id, tally, started, left=left, reason=reason)
+            return self._close_run(connection, run_id, tally, started, left=left, why=stopped)
 
-    def _claimed(self, plan: _Plan) -> Iterator[tuple[claims.Claim, AccountConfig]]:
+    def _fetcher(self, run_id: int) -> Fetcher:
+        return ThreadFetcher(
+            self._client,
+            concurrency=self._config.api.concurrency,
+            run_id=run_id,
+            clock=self._clock,
+        )
+
+    def _fetch_and_write(
+        self, fetcher: Fetcher, writer: BatchWriter, plan: _Plan, tally: Tally
+    ) -> None:
+        """Results go to the writer in batches: full ones, or whatever waited `FLUSH_S`."""
+        batch: list[FetchResult] = []
+        oldest = 0.0
+        for result in fetcher.results(self._tasks(plan), self._control, FLUSH_S):
+            if result is not None:
+                if not batch:
+                    oldest = time.monotonic()
+                batch.append(result)
+            if batch and (
+                result is None
+                or len(batch) >= WRITE_BATCH
+                or time.monotonic() - oldest >= FLUSH_S
+            ):
+                self._commit(writer, batch, plan, tally)
+                batch = []
+        self._commit(writer, batch, plan, tally)
+
+    def _commit(
+        self, writer: BatchWriter, batch: list[FetchResult], plan: _Plan, tally: Tally
+    ) -> None:
+        for written in writer.write(batch):
+            plan.unwritten.discard(written.result.account_id)
+            self._report(written, plan.by_name[written.result.username], tally)
+
+    def _report(self, written: Written, account: AccountConfig, tally: Tally) -> None:
+        """The committed account's log lines and its part of the tally."""
+        result = written.result
+        with (
+            structlog.contextvars.bound_contextvars(username=result.username),
+            account_secrets(account.secrets()),
+        ):
+            tally.total += 1
+            error = written.error
+            if error is not None:
+                tally.failed += 1
+                log.warning(
+                    "account.failed",
+                    error_kind=str(error.kind),
+                    error=self._redactor.redact(error.message),
+                    http_status=error.http_status,
+                    attempts=error.attempts,
+                )
+                return
+            tally.succeeded += 1
+            tally.changed += bool(written.changes)
+            if result.snapshot is not None:
+                tally.drift.update(result.snapshot.unknown_paths)
+            if written.changes:
+                log.info("account.changed", changes=[c.as_log() for c in written.changes])
+            log.info(
+                "account.synced",
+                changed=bool(written.changes),
+                duration_ms=round(result.elapsed_s * 1000),
+                attempts=result.attempts,
+            )
+
+    def _tasks(self, plan: _Plan) -> Iterator[FetchTask]:
         """Accounts this worker may sync now, leased to it in small batches as it goes.
 
         A scheduled run takes the due ones; a manual run every selected account it has not
         synced yet (last attempted before the run began). Accounts another worker holds are
-        skipped: they are being synced already.
+        skipped: they are being synced already. The table is walked once in id order, then once
+        more from the start for accounts freed meanwhile (a stopped worker gave them back).
         """
-        batch = max(10, 4 * self._config.api.concurrency)
-        lease_s = self._stale_after_s
+        batch = min(500, max(50, 4 * self._config.api.concurrency))
+        after, swept = 0, False
         while self._control.reason() is None:
-            try:
-                with self._engine.begin() as connection:
-                    found = claims.claim(
-                        connection,
-                        worker_id=self._worker_id,
-                        now=self._clock(),
-                        lease_s=lease_s,
-                        limit=batch,
-                        only=plan.only,
-                        due_at=plan.as_of if plan.due_only else None,
-                        attempted_before=None if plan.due_only else plan.as_of,
-                    )
-            except SQLAlchemyError as exc:
-                raise DatabaseError(f"cannot claim accounts: {_db_reason(exc)}") from exc
+            found = self._claim(plan, batch, after)
             if not found:
-                return
+                if after == 0 or swept:
+                    return
+                after, swept = 0, True
+                continue
+            after = found[-1].account_id
             strangers = [c for c in found if c.username not in plan.by_name]
             if strangers:
                 # Enabled in the database, absent from this worker's config: another worker's.
@@ -231,11 +250,33 @@ class Syncer:
                     "accounts.not_configured_here", usernames=[c.username for c in strangers]
                 )
                 self._give_back([c.account_id for c in strangers])
-                plan.skipped.update(c.account_id for c in strangers)
-            for found_claim in found:
-                if found_claim.username in plan.by_name:
-                    plan.unwritten.add(found_claim.account_id)
-                    yield found_claim, plan.by_name[found_claim.username]
+            for claimed in found:
+                account = plan.by_name.get(claimed.username)
+                if account is not None:
+                    plan.unwritten.add(claimed.account_id)
+                    yield FetchTask(
+                        claimed.account_id,
+                        account,
+                        self._config.version_of(account),
+                        claimed.payload_sha256,
+                    )
+
+    def _claim(self, plan: _Plan, limit: int, after: int) -> list[claims.Claim]:
+        try:
+            with self._engine.begin() as connection:
+                return claims.claim(
+                    connection,
+                    worker_id=self._worker_id,
+                    now=self._clock(),
+                    lease_s=self._stale_after_s,
+                    limit=limit,
+                    only=plan.only,
+                    due_at=plan.as_of if plan.due_only else None,
+                    attempted_before=None if plan.due_only else plan.as_of,
+                    after_id=after,
+                )
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot claim accounts: {reason(exc)}") from exc
 
     def _release(self, plan: _Plan) -> None:
         """Accounts claimed but not written (a stopped run) go back for others to take now."""
@@ -247,80 +288,14 @@ class Syncer:
             with self._engine.begin() as connection:
                 claims.release(connection, account_ids)
         except SQLAlchemyError as exc:  # their leases expire anyway
-            log.warning("accounts.release_failed", error=_db_reason(exc))
+            log.warning("accounts.release_failed", error=reason(exc))
 
-    def _writer(self) -> Connection:
-        """The one connection all of a run's writes go through, one transaction per account.
-
-        Held for the whole run: a connection checked out (and pinged) per account cost more
-        than the account's own statements.
-        """
+    def _writer_connection(self) -> Connection:
+        """The one connection all of a run's writes go through, one transaction per batch."""
         try:
             return self._engine.connect()
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot connect for the run: {_db_reason(exc)}") from exc
-
-    def _fetch_all(
-        self, run_id: int, targets: Iterator[tuple[claims.Claim, AccountConfig]]
-    ) -> Iterator[Attempt]:
-        """Fetch and normalize on `api.concurrency` threads, yielding as answers arrive.
-
-        At most two answers per worker are in flight or waiting, so memory does not grow with
-        the number of accounts; the caller (the one writer) consumes them in completion order.
-        """
-        workers = self._config.api.concurrency
-        control = self._control
-        pending: set[Future[Attempt | None]] = set()
-        queue = iter(targets)
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
-        try:
-            for claimed, account in itertools.islice(queue, 2 * workers):
-                pending.add(pool.submit(self._fetch_one, run_id, claimed, account))
-            while pending and control.reason() is None:
-                left = control.time_left()
-                done, pending = wait(
-                    pending,
-                    timeout=None if left is None else min(left, 1.0) + 0.01,
-                    return_when=FIRST_COMPLETED,
-                )
-                for future in done:
-                    if control.reason() is None:
-                        for claimed, account in itertools.islice(queue, 1):
-                            pending.add(pool.submit(self._fetch_one, run_id, claimed, account))
-                    attempt = future.result()
-                    if attempt is not None and control.reason() is None:
-                        yield attempt
-        finally:
-            # Fetches still in flight are abandoned: their answers are never written, so their
-            # accounts stay wholly as they were. Their threads end with their request timeout.
-            pool.shutdown(wait=control.reason() is None, cancel_futures=True)
-
-    def _fetch_one(
-        self, run_id: int, claimed: claims.Claim, account: AccountConfig
-    ) -> Attempt | None:
-        """Runs on a worker thread: the HTTP fetch and the pure normalizing, never the database.
-
-        None when the run was stopped before this account's request could go out.
-        """
-        with (
-            structlog.contextvars.bound_contextvars(run_id=run_id, username=account.username),
-            account_secrets(account.secrets()),
-        ):
-            started_at, started = self._clock(), time.monotonic()
-            try:
-                fetched = self._client.fetch(account, self._config.version_of(account))
-                snapshot = _normalize(fetched)
-            except Stopped:
-                return None
-            except FetchError as error:
-                return Attempt(claimed, account, started_at, started, error=error)
-            except Exception as exc:  # a bug must not cost the other accounts their sync
-                log.exception("account.internal_error")
-                internal = FetchError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
-                return Attempt(claimed, account, started_at, started, error=internal)
-            return Attempt(
-                claimed, account, started_at, started, fetched=fetched, snapshot=snapshot
-            )
+            raise DatabaseError(f"cannot connect for the run: {reason(exc)}") from exc
 
     def _open_run(
         self, targets: Sequence[AccountConfig], as_of: datetime, trigger: str, *, due_only: bool
@@ -346,176 +321,15 @@ class Syncer:
             )
         return run_id, expected
 
-    def _store(
-        self,
-        writer: Connection,
-        run_id: int,
-        attempt: Attempt,
-        as_of: datetime,
-        next_due_at: datetime,
-        tally: Tally,
-    ) -> None:
-        """The writer's part for one account: its transaction, its log lines, the tally."""
-        account = attempt.account
-        account_id = attempt.claim.account_id
-        with (
-            structlog.contextvars.bound_contextvars(username=account.username),
-            account_secrets(account.secrets()),
-        ):
-            tally.total += 1
-            fetched, snapshot, error = attempt.fetched, attempt.snapshot, attempt.error
-            changes: list[Change] = []
-            if error is None and fetched is not None and snapshot is not None:
-                try:
-                    changes = self._write(
-                        writer,
-                        run_id,
-                        account_id,
-                        fetched,
-                        snapshot,
-                        as_of,
-                        attempt.started_at,
-                        next_due_at,
-                    )
-                except FetchError as storage_error:
-                    error = storage_error
-            if error is not None or fetched is None or snapshot is None:
-                self._record_failure(
-                    writer,
-                    run_id,
-                    account_id,
-                    attempt.started_at,
-                    error or FetchError(ErrorKind.INTERNAL, "nothing fetched"),
-                    next_due_at,
-                )
-                tally.failed += 1
-                return
-            tally.succeeded += 1
-            tally.changed += bool(changes)
-            tally.drift.update(snapshot.unknown_paths)
-            if changes:
-                log.info("account.changed", changes=[c.as_log() for c in changes])
-            log.info(
-                "account.synced",
-                changed=bool(changes),
-                duration_ms=round((time.monotonic() - attempt.started) * 1000),
-                attempts=fetched.attempts,
-            )
-
-    def _write(
-        self,
-        writer: Connection,
-        run_id: int,
-        account_id: int,
-        fetched: Fetched,
-        snapshot: Snapshot,
-        as_of: datetime,
-        started_at: datetime,
-        next_due_at: datetime,
-    ) -> list[Change]:
-        """Everything of one account in one transaction: history, events, payload, bookkeeping.
-
-        A body identical to the latest one stored for the account cannot change anything: it
-        costs one lookup and the bookkeeping, with no reading of current rows and no diff.
-        """
-        sha = hashlib.sha256(fetched.body.encode("utf-8")).hexdigest()
-        changes: list[Change] = []
-        try:
-            with writer.begin():
-                unchanged = runs.latest_payload_sha(writer, account_id) == sha
-                if not unchanged:
-                    current = load_current(writer, account_id)
-                    changes = diff_rows([item.row for item in current], snapshot.rows())
-                    write_history(
-                        writer,
-                        account_id=account_id,
-                        run_id=run_id,
-                        as_of=as_of,
-                        current=current,
-                        fetched=snapshot,
-                        changes=changes,
-                    )
-                    runs.store_payload(
-                        writer,
-                        account_id=account_id,
-                        run_id=run_id,
-                        fetched_at=started_at,
-                        api_version=fetched.api_version,
-                        sha256=sha,
-                        body=fetched.body,
-                    )
-                runs.record_outcome(
-                    writer,
-                    run_id,
-                    runs.AccountOutcome(
-                        account_id=account_id,
-                        started_at=started_at,
-                        finished_at=self._clock(),
-                        ok=True,
-                        changed=bool(changes),
-                        http_status=fetched.http_status,
-                        attempts=fetched.attempts,
-                    ),
-                    next_due_at=next_due_at,
-                )
-        except DBAPIError as exc:
-            if exc.connection_invalidated or _is_unreachable(exc):
-                raise DatabaseError(f"database lost during the run: {_db_reason(exc)}") from exc
-            # The database refused this account's data (a NUL byte in PostgreSQL text, say).
-            raise FetchError(
-                ErrorKind.STORAGE,
-                f"the database refused the data: {_db_reason(exc)}",
-                http_status=fetched.http_status,
-                attempts=fetched.attempts,
-            ) from exc
-        return changes
-
-    def _record_failure(
-        self,
-        writer: Connection,
-        run_id: int,
-        account_id: int,
-        started_at: datetime,
-        error: FetchError,
-        next_due_at: datetime,
-    ) -> None:
-        message = current_account_redactor().redact(self._redactor.redact(error.message))
-        try:
-            with writer.begin():
-                runs.record_outcome(
-                    writer,
-                    run_id,
-                    runs.AccountOutcome(
-                        account_id=account_id,
-                        started_at=started_at,
-                        finished_at=self._clock(),
-                        ok=False,
-                        http_status=error.http_status,
-                        error_kind=str(error.kind),
-                        error_message=message,
-                        attempts=error.attempts,
-                    ),
-                    next_due_at=next_due_at,
-                )
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot record a failed account: {_db_reason(exc)}") from exc
-        log.warning(
-            "account.failed",
-            error_kind=str(error.kind),
-            error=message,
-            http_status=error.http_status,
-            attempts=error.attempts,
-        )
-
     def _close_run(
         self,
-        writer: Connection,
+        connection: Connection,
         run_id: int,
         tally: Tally,
         started: float,
         *,
         left: int,
-        reason: str | None,
+        why: str | None,
     ) -> RunSummary:
         if tally.drift:
             log.warning("schema.drift", paths=sorted(tally.drift))
@@ -524,12 +338,12 @@ class Syncer:
         error = None
         if left:
             status = runs.RunStatus.ABORTED
-            error = f"{reason or 'stopped'}; {left} accounts left as they were"
-            log.warning("run.stopped_early", reason=reason, accounts_left=left)
+            error = f"{why or 'stopped'}; {left} accounts left as they were"
+            log.warning("run.stopped_early", reason=why, accounts_left=left)
         try:
-            with writer.begin():
+            with connection.begin():
                 runs.finish_run(
-                    writer,
+                    connection,
                     run_id,
                     finished_at=self._clock(),
                     counts=counts,
@@ -537,7 +351,7 @@ class Syncer:
                     error=error,
                 )
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot close the run: {_db_reason(exc)}") from exc
+            raise DatabaseError(f"cannot close the run: {reason(exc)}") from exc
         duration_ms = round((time.monotonic() - started) * 1000)
         log.info(
             "run.finished",
@@ -549,28 +363,3 @@ class Syncer:
             duration_ms=duration_ms,
         )
         return RunSummary(run_id, status, counts, duration_ms)
-
-
-def _normalize(fetched: Fetched) -> Snapshot:
-    try:
-        return adapter_for(fetched.api_version).normalize(fetched.payload)
-    except InvalidPayloadError as exc:
-        raise FetchError(
-            ErrorKind.INVALID_RESPONSE,
-            str(exc),
-            http_status=fetched.http_status,
-            attempts=fetched.attempts,
-        ) from exc
-
-
-def _db_reason(exc: SQLAlchemyError) -> str:
-    original: Any = getattr(exc, "orig", None) or exc
-    return str(original).strip().splitlines()[0] if str(original).strip() else type(exc).__name__
-
-
-def _is_unreachable(exc: DBAPIError) -> bool:
-    return isinstance(exc, (OperationalError, InterfaceError)) and not _is_lock_timeout(exc)
-
-
-def _is_lock_timeout(exc: DBAPIError) -> bool:
-    return "locked" in str(exc.orig).lower()

@@ -470,11 +470,13 @@ def test_database_rejects_a_naive_timestamp(engine: Engine) -> None:
 class _BuggyClient(TraktClient):
     """Stands in for a bug inside the client: it raises with the password in the message."""
 
-    def fetch(self, account: AccountConfig, version: int) -> Fetched:
+    def fetch(
+        self, account: AccountConfig, version: int, known_sha256: str | None = None
+    ) -> Fetched:
         if account.username == "justin":
             secret = account.password
             raise RuntimeError(f"unexpected state for password={secret}")
-        return super().fetch(account, version)
+        return super().fetch(account, version, known_sha256)
 
 
 def test_bug_inside_the_client__fails_one_account_and_leaks_no_secret(
