@@ -8,6 +8,7 @@ the global secrets and those of the account being processed (`account_secrets`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,6 +29,11 @@ class Redactor:
                 {s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True
             )
         )
+        # How each secret looks inside a JSON string (quotes, backslashes and control
+        # characters are escaped there), for `found_in` a rendered line.
+        self._json_forms = tuple(
+            {form for secret in self._secrets for form in (secret, _json_form(secret))}
+        )
 
     def __bool__(self) -> bool:
         return bool(self._secrets)
@@ -38,8 +44,16 @@ class Redactor:
                 text = text.replace(secret, MASK)
         return text
 
+    def found_in(self, text: str) -> bool:
+        """Whether a secret appears in `text`, as it is or as JSON would escape it."""
+        return any(form in text for form in self._json_forms)
+
     def with_secrets(self, more: Iterable[str]) -> Redactor:
         return Redactor((*self._secrets, *more))
+
+
+def _json_form(secret: str) -> str:
+    return json.dumps(secret, ensure_ascii=False)[1:-1]
 
 
 _account_secrets: ContextVar[Redactor | None] = ContextVar("account_secrets", default=None)

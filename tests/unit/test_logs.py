@@ -117,6 +117,34 @@ def test_json__secret_in_any_string_is_masked(
     assert API_KEY not in out.getvalue()
 
 
+@pytest.mark.parametrize(
+    "secret",
+    ['pa"ss\\word', "tab\there", "naïve-pässwörd", "line\nbreak"],
+    ids=["quote-and-backslash", "tab", "non-ascii", "newline"],
+)
+def test_json__secret_that_json_escapes_is_still_masked(configure: Configure, secret: str) -> None:
+    """A secret with characters JSON escapes is found in the line as rendered, and masked."""
+    out = configure(format="json", secrets={secret})
+
+    get_logger().info("account.changed", changes=[{"new": {"about": f"x {secret} y"}}])
+
+    line = _json_lines(out)[0]
+    assert line["changes"] == [{"new": {"about": f"x {MASK} y"}}]
+    assert secret not in json.dumps(line, ensure_ascii=False)
+
+
+def test_json__line_without_secrets_keeps_every_value(configure: Configure) -> None:
+    """Nothing is masked when no secret appears: values survive exactly, types included."""
+    out = configure(format="json")
+    values = {"about": "O'Brien \"quoted\" ✓", "age": 31, "vip": True, "gone": None}
+
+    get_logger().info("account.changed", changes=[{"new": values}], changed=True)
+
+    line = _json_lines(out)[0]
+    assert line["changes"] == [{"new": values}]
+    assert line["changed"] is True
+
+
 def test_json__secret_in_the_event_text_is_masked(configure: Configure) -> None:
     """Even the event text is redacted."""
     out = configure(format="json")
