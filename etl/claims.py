@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, and_, func, or_, select, update
 
-from etl.models import accounts
+from etl.models import accounts, raw_payloads
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -45,6 +45,19 @@ def _free(now: datetime) -> object:
 
 def _due(now: datetime) -> object:
     return or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at <= now)
+
+
+def _latest_payload_sha256() -> Any:
+    """The hash of the account's latest raw payload: one step back along the (account_id, id)
+    index, for each account claimed."""
+    return (
+        select(raw_payloads.c.sha256)
+        .where(raw_payloads.c.account_id == accounts.c.id)
+        .order_by(raw_payloads.c.id.desc())
+        .limit(1)
+        .correlate(accounts)
+        .scalar_subquery()
+    )
 
 
 def claim(
@@ -81,15 +94,14 @@ def claim(
     if only is not None:
         conditions.append(accounts.c.username.in_(list(only)))
     query = (
-        select(accounts.c.id, accounts.c.username, accounts.c.payload_sha256)
+        select(accounts.c.id, accounts.c.username, _latest_payload_sha256().label("sha256"))
         .where(and_(*conditions))  # type: ignore[arg-type]
         .order_by(accounts.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     found = [
-        Claim(int(row.id), str(row.username), row.payload_sha256)
-        for row in connection.execute(query)
+        Claim(int(row.id), str(row.username), row.sha256) for row in connection.execute(query)
     ]
     if found:
         connection.execute(

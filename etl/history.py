@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Table, select, update
 
+from etl.bulk import insert_rows
 from etl.models import change_events, connection_history, profile_history, sharing_text_history
 from etl.records import (
     CONNECTION_FLAGS,
@@ -150,7 +151,7 @@ def _insert_rows(
             record[key_column] = row.key
         by_entity.setdefault(row.entity, []).append(record)
     for entity, records in by_entity.items():
-        connection.execute(insert(_TABLES[entity]), records)
+        insert_rows(connection, _TABLES[entity], records)
 
 
 def _insert_events(
@@ -159,10 +160,9 @@ def _insert_events(
     as_of: datetime,
     changes: Sequence[tuple[int, Change]],
 ) -> None:
-    if not changes:
-        return
-    connection.execute(
-        insert(change_events),
+    insert_rows(
+        connection,
+        change_events,
         [
             {
                 "run_id": run_id,

@@ -141,8 +141,6 @@ accounts = Table(
     Column("next_due_at", UTCDateTime()),
     Column("lease_owner", Id),
     Column("lease_expires_at", UTCDateTime()),
-    # SHA-256 of the latest raw payload: an answer with the same hash changes nothing.
-    Column("payload_sha256", String(64)),
     Index("ix_accounts_due", "enabled", "next_due_at"),
 )
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from etl.bulk import insert_rows
 from etl.models import account_syncs, accounts, raw_payloads, sync_runs
 
 
@@ -191,11 +192,10 @@ class StoredPayload:
 
 
 def store_payloads(connection: Connection, run_id: int, payloads: Sequence[StoredPayload]) -> None:
-    """The new bodies, and each account's `payload_sha256`: what the next fetch compares with."""
-    if not payloads:
-        return
-    connection.execute(
-        insert(raw_payloads),
+    """The new bodies; each account's latest is what its next fetch is compared with."""
+    insert_rows(
+        connection,
+        raw_payloads,
         [
             {
                 "account_id": payload.account_id,
@@ -207,12 +207,6 @@ def store_payloads(connection: Connection, run_id: int, payloads: Sequence[Store
             }
             for payload in payloads
         ],
-    )
-    connection.execute(
-        update(accounts)
-        .where(accounts.c.id == bindparam("account"))
-        .values(payload_sha256=bindparam("sha")),
-        [{"account": payload.account_id, "sha": payload.sha256} for payload in payloads],
     )
 
 
@@ -247,8 +241,9 @@ def record_outcomes(
     """
     if not outcomes:
         return
-    connection.execute(
-        insert(account_syncs),
+    insert_rows(
+        connection,
+        account_syncs,
         [
             {
                 "run_id": run_id,
