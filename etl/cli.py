@@ -9,6 +9,7 @@ Environment: TRAKT_ETL_CONFIG (config path), TRAKT_ETL_DATABASE_URL (overrides d
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -170,6 +171,9 @@ def _prepared_engine(config: Config, *, migrate: bool | None = None) -> Engine:
 def cmd_sync(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
+    # The config lives until the process ends: spare the garbage collector from walking its
+    # objects again and again (with 100,000 accounts, that was a good part of a sync's CPU).
+    gc.freeze()
     engine = db.make_engine(config.database.url)
     with ProcessLock(lock_path_for(engine), wait=args.wait):
         return _sync(args, config, engine)

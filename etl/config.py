@@ -31,7 +31,14 @@ import yaml
 
 # APScheduler 3 ships no type information; "unused-ignore" keeps this clean if an override is added.
 from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped, unused-ignore]
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -84,6 +91,19 @@ def _version_from_text(value: Any) -> Any:
     return value
 
 
+def _fetch_processes(value: Any) -> Literal["auto"] | int:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError('must be "auto" or a number of processes (0: none)')
+
+
+# One message at the key for anything else, rather than one per member of the union.
+FetchProcesses = Annotated[Literal["auto"] | int, PlainValidator(_fetch_processes)]
+
 # Secrets stay out of repr(): a Config in a traceback or a debug line must not show them.
 _Secret = Annotated[str | None, Field(repr=False)]
 
@@ -133,6 +153,9 @@ class ApiConfig(_Section, frozen=True):
     backoff_initial_s: Annotated[float, Field(ge=0)] = 0.5
     backoff_max_s: Annotated[float, Field(ge=0)] = 30.0
     retry_after_max_s: Annotated[float, Field(ge=0)] = 60.0
+    # Fetch processes, to fetch on more than one core (etl.fetchprocs): 0 fetches on threads of
+    # the sync's own process; "auto" uses one per core for big, fast runs, else 0.
+    fetch_processes: FetchProcesses = "auto"
 
     _blank_secrets = field_validator("api_key", "client_secret", mode="before")(_blank_to_none)
     _version_text = field_validator("version", mode="before")(_version_from_text)

@@ -53,6 +53,7 @@ class RequestGate:
         *,
         clock: Callable[[], float] = time.monotonic,
         stop: threading.Event | None = None,
+        on_pause: Callable[[float], None] | None = None,
     ) -> None:
         self.rate = rate_for(per_second)
         self._limiter = Limiter(self.rate)
@@ -60,6 +61,9 @@ class RequestGate:
         self._stop = stop or threading.Event()
         self._lock = threading.Lock()
         self._resume_at = 0.0
+        # Told of every pause the server asks for (with its end on `clock`), so that gates in
+        # other fetch processes can hold their requests too.
+        self._on_pause = on_pause
 
     def wait_turn(self) -> bool:
         """Block until a request may go out; False if the gate was stopped meanwhile."""
@@ -77,8 +81,15 @@ class RequestGate:
 
     def pause_for(self, seconds: float) -> None:
         """Hold every request for `seconds` (the server said the budget is spent)."""
+        until = self._clock() + seconds
+        self.pause_until(until)
+        if self._on_pause is not None:
+            self._on_pause(until)
+
+    def pause_until(self, moment: float) -> None:
+        """Hold every request until `moment` on the gate's clock (another gate was told to)."""
         with self._lock:
-            self._resume_at = max(self._resume_at, self._clock() + seconds)
+            self._resume_at = max(self._resume_at, moment)
 
     def stop(self) -> None:
         self._stop.set()

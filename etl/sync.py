@@ -9,8 +9,10 @@ once per run: that `as_of` becomes every new row's valid_from.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -24,8 +26,10 @@ from etl.config import AccountConfig, Config
 from etl.control import RunControl
 from etl.errors import DatabaseError, UsageError
 from etl.fetch import Clock, Fetcher, FetchResult, FetchTask, ThreadFetcher
+from etl.fetchprocs import ProcessFetcher, processes_for
+from etl.logs import current_settings
 from etl.redact import Redactor, account_secrets
-from etl.writer import BatchWriter, Written, reason
+from etl.writer import BackgroundWriter, BatchWriter, Written, reason
 
 __all__ = ["RunControl", "RunSummary", "Syncer", "select_accounts", "utc_now"]
 
@@ -134,64 +138,75 @@ class Syncer:
             as_of=as_of,
             next_due_at=claims.next_window(as_of, self._config.schedule.period_s()),
         )
-        with (
-            structlog.contextvars.bound_contextvars(run_id=run_id),
-            self._writer_connection() as connection,
-        ):
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
             log.info("run.started", accounts=expected, trigger=trigger)
-            writer = BatchWriter(
-                connection,
-                run_id=run_id,
-                as_of=as_of,
-                next_due_at=plan.next_due_at,
-                clock=self._clock,
-                redact=self._redactor.redact,
-            )
             tally = Tally()
-            fetcher = self._fetcher(run_id)
-            try:
-                self._fetch_and_write(fetcher, writer, plan, tally)
-            finally:
-                fetcher.close()
+            self._fetch_and_write(run_id, expected, plan, tally)
             left = len(plan.unwritten)
             stopped = self._control.reason()
             self._release(plan)
-            return self._close_run(connection, run_id, tally, started, left=left, why=stopped)
+            return self._close_run(run_id, tally, started, left=left, why=stopped)
 
-    def _fetcher(self, run_id: int) -> Fetcher:
+    def _fetcher(self, run_id: int, accounts: int) -> Fetcher:
+        """Threads here, or fetch processes for a big, fast run (`api.fetch_processes`).
+
+        Fetch processes make clients of their own from `api`; the client given to the Syncer
+        serves the threads.
+        """
+        api = self._config.api
+        processes = processes_for(api, accounts, os.cpu_count() or 1)
+        if processes:
+            return ProcessFetcher(
+                api, processes=processes, run_id=run_id, logging=current_settings()
+            )
         return ThreadFetcher(
-            self._client,
-            concurrency=self._config.api.concurrency,
-            run_id=run_id,
-            clock=self._clock,
+            self._client, concurrency=api.concurrency, run_id=run_id, clock=self._clock
         )
 
-    def _fetch_and_write(
-        self, fetcher: Fetcher, writer: BatchWriter, plan: _Plan, tally: Tally
-    ) -> None:
-        """Results go to the writer in batches: full ones, or whatever waited `FLUSH_S`."""
-        batch: list[FetchResult] = []
-        oldest = 0.0
-        for result in fetcher.results(self._tasks(plan), self._control, FLUSH_S):
-            if result is not None:
-                if not batch:
-                    oldest = time.monotonic()
-                batch.append(result)
-            if batch and (
-                result is None
-                or len(batch) >= WRITE_BATCH
-                or time.monotonic() - oldest >= FLUSH_S
-            ):
-                self._commit(writer, batch, plan, tally)
-                batch = []
-        self._commit(writer, batch, plan, tally)
+    def _fetch_and_write(self, run_id: int, accounts: int, plan: _Plan, tally: Tally) -> None:
+        """Results go to the writer's thread in batches: full ones, or whatever waited
+        `FLUSH_S`; fetching goes on while a batch commits."""
 
-    def _commit(
-        self, writer: BatchWriter, batch: list[FetchResult], plan: _Plan, tally: Tally
-    ) -> None:
-        for written in writer.write(batch):
+        @contextmanager
+        def open_writer() -> Iterator[BatchWriter]:
+            with self._writer_connection() as connection:
+                yield BatchWriter(
+                    connection,
+                    run_id=run_id,
+                    as_of=plan.as_of,
+                    next_due_at=plan.next_due_at,
+                    clock=self._clock,
+                    redact=self._redactor.redact,
+                )
+
+        def on_written(written: Written) -> None:
             plan.unwritten.discard(written.result.account_id)
             self._report(written, plan.by_name[written.result.username], tally)
+
+        fetcher = self._fetcher(run_id, accounts)
+        writer = BackgroundWriter(open_writer, on_written)
+        try:
+            batch: list[FetchResult] = []
+            oldest = 0.0
+            for result in fetcher.results(self._tasks(plan), self._control, FLUSH_S):
+                if writer.failed:
+                    break
+                if result is not None:
+                    if not batch:
+                        oldest = time.monotonic()
+                    batch.append(result)
+                if batch and (
+                    result is None
+                    or len(batch) >= WRITE_BATCH
+                    or time.monotonic() - oldest >= FLUSH_S
+                ):
+                    writer.submit(batch)
+                    batch = []
+            if batch and not writer.failed:
+                writer.submit(batch)
+        finally:
+            fetcher.close()
+            writer.close()
 
     def _report(self, written: Written, account: AccountConfig, tally: Tally) -> None:
         """The committed account's log lines and its part of the tally."""
@@ -233,7 +248,10 @@ class Syncer:
         skipped: they are being synced already. The table is walked once in id order, then once
         more from the start for accounts freed meanwhile (a stopped worker gave them back).
         """
-        batch = min(500, max(50, 4 * self._config.api.concurrency))
+        api = self._config.api
+        # Enough for a couple of seconds of fetching (claims are leased, renewed by the
+        # heartbeat), and few claim statements per run.
+        batch = int(min(1000, max(4 * api.concurrency, 2 * api.max_requests_per_s)))
         after, swept = 0, False
         while self._control.reason() is None:
             found = self._claim(plan, batch, after)
@@ -323,7 +341,6 @@ class Syncer:
 
     def _close_run(
         self,
-        connection: Connection,
         run_id: int,
         tally: Tally,
         started: float,
@@ -341,7 +358,7 @@ class Syncer:
             error = f"{why or 'stopped'}; {left} accounts left as they were"
             log.warning("run.stopped_early", reason=why, accounts_left=left)
         try:
-            with connection.begin():
+            with self._engine.begin() as connection:
                 runs.finish_run(
                     connection,
                     run_id,

@@ -10,11 +10,18 @@ A batch commits or rolls back whole, so each account in it is wholly old or whol
 When the database refuses a batch because of one account's data (PostgreSQL cannot store a NUL
 character, say), the batch is written again one account at a time, and only that account fails,
 with error kind `storage`. A lost connection is not an account's fault: it ends the run.
+
+`BackgroundWriter` runs a `BatchWriter` on a thread of its own, so that fetching goes on while a
+batch commits: the fetch processes would otherwise sit idle for every commit.
 """
 
 from __future__ import annotations
 
+import contextvars
+import queue
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -175,3 +182,64 @@ def _lost(exc: DBAPIError) -> bool:
         return True
     locked = "locked" in str(exc.orig).lower()
     return isinstance(exc, (OperationalError, InterfaceError)) and not locked
+
+
+class BackgroundWriter:
+    """Writes batches on a thread of its own, reporting each account as it commits.
+
+    At most `depth` batches wait for the thread; `submit` blocks beyond that, so memory stays
+    flat. The thread opens and owns the writer (and its connection). If writing fails (the
+    database is gone), the thread stops, and the error is raised by `submit` or `close`.
+    """
+
+    def __init__(
+        self,
+        open_writer: Callable[[], AbstractContextManager[BatchWriter]],
+        on_written: Callable[[Written], None],
+        *,
+        depth: int = 2,
+    ) -> None:
+        self._open_writer = open_writer
+        self._on_written = on_written
+        self._batches: queue.Queue[Sequence[FetchResult] | None] = queue.Queue(maxsize=depth)
+        self._failure: BaseException | None = None
+        # The thread logs with this thread's context (the run id).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._work,), name="writer")
+        self._thread.start()
+
+    def submit(self, batch: Sequence[FetchResult]) -> None:
+        """Queue a batch; raises the writer's failure instead if it has stopped."""
+        while self._failure is None:
+            try:
+                self._batches.put(batch, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise self._failure
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def close(self) -> None:
+        """Write what is queued, end the thread, raise its failure if it had one."""
+        while self._thread.is_alive():
+            try:
+                self._batches.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _work(self) -> None:
+        try:
+            with self._open_writer() as writer:
+                while (batch := self._batches.get()) is not None:
+                    for written in writer.write(batch):
+                        self._on_written(written)
+        except BaseException as exc:  # raised again in the thread that submits
+            self._failure = exc
+

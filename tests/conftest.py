@@ -147,6 +147,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    """An engine on a migrated, empty SQLite file, for tests whose point is not the database."""
+    engine = db.make_engine(sqlite_url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     """An engine on a migrated, empty database."""
     engine = db.make_engine(database_url)
@@ -158,8 +167,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 ConfigFactory = Callable[..., Config]
 
 
-@pytest.fixture
-def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
+def config_factory(fake: FakeTrakt, database_url: str) -> ConfigFactory:
     """Build a Config for some usernames of the fake API (api overrides as keyword arguments)."""
 
     def build(usernames: list[str], **api: Any) -> Config:
@@ -167,7 +175,7 @@ def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
             {
                 "database": {"url": database_url},
                 "api": {
-                    "base_url": fake_api.base_url,
+                    "base_url": fake.base_url,
                     "api_key": DEFAULT_API_KEY,
                     # The fake is local: no need for the polite production pace.
                     "max_requests_per_s": 10_000,
@@ -180,3 +188,33 @@ def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
         )
 
     return build
+
+
+@pytest.fixture
+def make_config(fake_api: FakeTrakt, database_url: str) -> ConfigFactory:
+    """Configs for the database of the test's `database_url` (each supported kind in turn)."""
+    return config_factory(fake_api, database_url)
+
+
+@pytest.fixture
+def sqlite_config(fake_api: FakeTrakt, sqlite_url: str) -> ConfigFactory:
+    """Configs for a SQLite file, for tests whose point is not the database."""
+    return config_factory(fake_api, sqlite_url)
+
+
+def fetch_processes_of(pid: int) -> list[int]:
+    """The fetch processes (`python -m etl.fetchprocs`) among the children of process `pid`."""
+    found = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (thread / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if b"etl.fetchprocs" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except OSError:
+                continue
+    return found
+

@@ -308,6 +308,7 @@ def test_wrong_type_is_an_error_at_its_path(text: str, path: str) -> None:
         ("api:\n  max_requests_per_s: 0\n", "api.max_requests_per_s"),
         ("api:\n  max_body_bytes: 1023\n", "api.max_body_bytes"),
         ("schedule:\n  jitter_s: -1\n", "schedule.jitter_s"),
+        ("api:\n  fetch_processes: -1\n", "api.fetch_processes"),
     ],
 )
 def test_out_of_range_number_is_an_error_at_its_path(text: str, path: str) -> None:
@@ -829,3 +830,15 @@ def test_config_is_frozen() -> None:
         config.accounts[0].password = "x"  # type: ignore[misc]
     with pytest.raises(ValidationError):
         config.database = config.database  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("given", "parsed"), [("", "auto"), ("auto", "auto"), ("0", 0), ("2", 2)])
+def test_fetch_processes_is_auto_or_a_count(given: str, parsed: object) -> None:
+    """api.fetch_processes: "auto" (the default) or a number of processes, 0 for none."""
+    text = f"api:\n  fetch_processes: {given}\n" if given else ""
+    assert parse_config(text, {}).api.fetch_processes == parsed
+
+
+def test_fetch_processes_refuses_other_words() -> None:
+    """A word other than auto is an error at the key."""
+    assert config_error("api:\n  fetch_processes: many\n").path == "api.fetch_processes"
