@@ -16,17 +16,16 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 import yaml
-from rich.console import Console
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl import __version__, db, liveness, report
+from etl import __version__, db, liveness
 from etl.client import TraktClient
 from etl.config import Config, load_config, resolve_config_path
-from etl.daemon import Daemon
 from etl.dblock import ProcessLock, lock_path_for
 from etl.errors import DatabaseError, ExitCode, TraktEtlError, exit_code_for
 from etl.logs import LEVELS, choose_format, configure_logging
@@ -34,6 +33,9 @@ from etl.ratelimit import RequestGate
 from etl.redact import Redactor
 from etl.runs import RunStatus
 from etl.sync import RunControl, Syncer, utc_now
+
+if TYPE_CHECKING:
+    from etl import report
 
 log = structlog.get_logger("etl.cli")
 
@@ -234,6 +236,8 @@ def cmd_daemon(args: argparse.Namespace) -> ExitCode:
     def reload() -> Config:
         return _load(args)
 
+    from etl.daemon import Daemon  # APScheduler: only the daemon needs it
+
     daemon = Daemon(
         config,
         load_config=reload,
@@ -246,6 +250,8 @@ def cmd_daemon(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
+    from etl import report  # rich and the report queries: only status and history need them
+
     config = _load(args)
     _setup_logging(args, config)
     engine = _prepared_engine(config, migrate=False)
@@ -264,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> ExitCode:
 
 
 def cmd_history(args: argparse.Namespace) -> ExitCode:
+    from etl import report
+
     config = _load(args)
     _setup_logging(args, config)
     engine = _prepared_engine(config, migrate=False)
@@ -277,6 +285,10 @@ def cmd_history(args: argparse.Namespace) -> ExitCode:
 
 
 def _show(found: report.StatusReport | report.HistoryReport, *, as_json: bool) -> None:
+    from rich.console import Console
+
+    from etl import report
+
     if as_json:
         print(report.as_json(found))
         return

@@ -28,9 +28,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-
-# APScheduler 3 ships no type information; "unused-ignore" keeps this clean if an override is added.
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped, unused-ignore]
 from pydantic import (
     BaseModel,
     Field,
@@ -39,8 +36,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from etl.errors import ConfigError
 
@@ -117,8 +112,8 @@ class DatabaseConfig(_Section, frozen=True):
     def _check_url(cls, value: str) -> str:
         # The message must not repeat the URL: it may hold a database password.
         try:
-            make_url(value)
-        except ArgumentError:
+            _parse_url(value)
+        except ValueError:
             raise ValueError(
                 "is not a SQLAlchemy database URL "
                 "(such as sqlite:///trakt_etl.db or postgresql+psycopg://user@host/dbname)"
@@ -128,14 +123,14 @@ class DatabaseConfig(_Section, frozen=True):
     def password(self) -> str | None:
         """The password inside the URL, if it has one."""
         try:
-            password = make_url(self.url).password
-        except ArgumentError:  # pragma: no cover - the validator refused such URLs
+            password = _parse_url(self.url).password
+        except ValueError:  # pragma: no cover - the validator refused such URLs
             return None
         return str(password) if password else None
 
     def masked_url(self) -> str:
         """The URL with its password (if any) replaced by ``***``."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        return str(_parse_url(self.url).render_as_string(hide_password=True))
 
 
 class ApiConfig(_Section, frozen=True):
@@ -233,7 +228,7 @@ class ScheduleConfig(_Section, frozen=True):
         if self.interval is not None:
             return float(parse_interval(self.interval))
         assert self.cron is not None
-        trigger = CronTrigger.from_crontab(self.cron, timezone=UTC)
+        trigger = _cron_trigger(self.cron)
         first = trigger.get_next_fire_time(None, datetime.now(UTC))
         second = trigger.get_next_fire_time(first, first + timedelta(microseconds=1))
         return float((second - first).total_seconds())
@@ -408,6 +403,28 @@ def _check_credentials(account: AccountConfig, index: int, version: int) -> None
 
 # --- values with a syntax of their own --------------------------------------------------------
 
+# SQLAlchemy and APScheduler are imported where they are needed: fetch processes read their
+# ApiConfig from this module, and importing both cost each of them a third of a second.
+
+
+def _parse_url(url: str) -> Any:
+    """The SQLAlchemy URL; ValueError if it is not one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _cron_trigger(text: str) -> Any:
+    # APScheduler 3 ships no type information.
+    from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+
+    return CronTrigger.from_crontab(text, timezone=UTC)
+
+
 
 def parse_interval(text: str) -> int:
     """``30s`` / ``15m`` / ``1h`` / ``2d`` (also ``1.5h``) -> seconds, at least 1."""
@@ -431,7 +448,7 @@ def check_cron(text: str) -> None:
     if len(fields) != 5:
         raise ValueError(f"invalid cron line {text!r}: has {len(fields)} fields; {_CRON_HELP}")
     try:
-        CronTrigger.from_crontab(text, timezone=UTC)
+        _cron_trigger(text)
     except ValueError as exc:
         raise ValueError(f"invalid cron line {text!r}: {exc}; {_CRON_HELP}") from None
 

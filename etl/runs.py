@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from etl.bulk import insert_rows
 from etl.models import account_syncs, accounts, raw_payloads, sync_runs
@@ -96,6 +95,8 @@ def sync_accounts(
 
 
 def _insert_ignoring_duplicates(connection: Connection) -> Any:
+    from sqlalchemy.dialects import mysql, postgresql, sqlite  # only when accounts are new
+
     dialect = connection.dialect.name
     if dialect == "postgresql":
         return postgresql.insert(accounts).on_conflict_do_nothing(index_elements=["username"])

@@ -248,10 +248,9 @@ class Syncer:
         skipped: they are being synced already. The table is walked once in id order, then once
         more from the start for accounts freed meanwhile (a stopped worker gave them back).
         """
-        api = self._config.api
-        # Enough for a couple of seconds of fetching (claims are leased, renewed by the
-        # heartbeat), and few claim statements per run.
-        batch = int(min(1000, max(4 * api.concurrency, 2 * api.max_requests_per_s)))
+        # A few times what this worker fetches at once: claims cost a couple of statements
+        # each, but what a worker has claimed, the others cannot share.
+        batch = min(500, max(50, 8 * self._config.api.concurrency))
         after, swept = 0, False
         while self._control.reason() is None:
             found = self._claim(plan, batch, after)

@@ -4,6 +4,7 @@ the contract's names, and data carried across an upgrade, on SQLite, PostgreSQL 
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +89,31 @@ def test_upgrade_downgrade_upgrade_round_trip(bare_engine: Engine) -> None:
 
     db.upgrade(bare_engine)
     assert db.current_revision(bare_engine) == head
+
+
+def test_head_revision_constant_is_the_scripts_head() -> None:
+    """The revision a sync checks for without loading Alembic is the migrations' one head."""
+    assert db.heads() == (db.HEAD_REVISION,)
+
+
+def test_workers_upgrading_one_new_database_at_once_all_succeed(bare_engine: Engine) -> None:
+    """Three processes' worth of upgrades at once: one creates the schema, none fails."""
+    failures: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            db.upgrade(bare_engine)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert failures == []
+    assert db.current_revision(bare_engine) == db.HEAD_REVISION
 
 
 def test_each_revision_upgrades_and_downgrades_one_step_at_a_time(bare_engine: Engine) -> None:
