@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -36,6 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yaml.composer import Composer
 
 from etl.errors import ConfigError
 
@@ -252,7 +254,40 @@ class LoggingConfig(_Section, frozen=True):
         return level
 
 
-class AccountConfig(_Section, frozen=True):
+@dataclass(frozen=True, slots=True)
+class AccountConfig:
+    """One configured account, compact: a config may list 100,000 of them, all kept in memory
+    (a validated pydantic model each took ten times the room). Made by `_AccountEntry`."""
+
+    username: str
+    enabled: bool = True
+    api_version: Literal[1, 2] | None = None
+    password: str | None = field(default=None, repr=False)
+    password_sha1: str | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+
+    def password_sha1_hex(self) -> str | None:
+        """The SHA-1 hex of the password (what API v1 sends), or `password_sha1` as given."""
+        if self.password is not None:
+            return hashlib.sha1(self.password.encode("utf-8"), usedforsecurity=False).hexdigest()
+        return None if self.password_sha1 is None else self.password_sha1.lower()
+
+    def secrets(self) -> set[str]:
+        """Every non-empty secret of this account: password, its SHA-1, tokens."""
+        values = {
+            self.password,
+            self.password_sha1_hex(),
+            self.password_sha1,
+            self.access_token,
+            self.refresh_token,
+        }
+        return {value for value in values if value}
+
+
+class _AccountEntry(_Section, frozen=True):
+    """What an item of `accounts:` may say: the validation of one account."""
+
     username: str
     enabled: bool = True
     api_version: Literal[1, 2] | None = None
@@ -285,22 +320,36 @@ class AccountConfig(_Section, frozen=True):
             raise ValueError("must be exactly 40 hexadecimal characters (the password's SHA-1)")
         return value.lower()
 
-    def password_sha1_hex(self) -> str | None:
-        """The SHA-1 hex of the password (what API v1 sends), or `password_sha1` as given."""
-        if self.password is not None:
-            return hashlib.sha1(self.password.encode("utf-8"), usedforsecurity=False).hexdigest()
-        return self.password_sha1
-
-    def secrets(self) -> set[str]:
-        """Every non-empty secret of this account: password, its SHA-1, tokens."""
-        values = {
+    def compact(self) -> AccountConfig:
+        return AccountConfig(
+            self.username,
+            self.enabled,
+            self.api_version,
             self.password,
-            self.password_sha1_hex(),
             self.password_sha1,
             self.access_token,
             self.refresh_token,
-        }
-        return {value for value in values if value}
+        )
+
+
+ACCOUNT_KEYS = tuple(_AccountEntry.model_fields)
+
+
+def account_from(item: Any, index: int) -> AccountConfig:
+    """`accounts[index]` of the config, validated; a `ConfigError` names what is wrong."""
+    if isinstance(item, AccountConfig):
+        return item
+    try:
+        return _AccountEntry.model_validate(item).compact()
+    except ValidationError as exc:
+        raise _config_error(exc, prefix=("accounts", index)) from None
+
+
+def _accounts(value: Any) -> list[AccountConfig]:
+    """`accounts:` given as data (dicts), or as accounts already read by `parse_config`."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError("Input should be a valid list of accounts", path="accounts")
+    return [account_from(item, index) for index, item in enumerate(value)]
 
 
 class Config(_Section, frozen=True):
@@ -308,7 +357,9 @@ class Config(_Section, frozen=True):
     api: ApiConfig = Field(default_factory=ApiConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    accounts: list[AccountConfig] = Field(default_factory=list)
+    accounts: Annotated[list[AccountConfig], PlainValidator(_accounts)] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -326,16 +377,20 @@ class Config(_Section, frozen=True):
             raise ConfigError(
                 "is required when an account is enabled (the trakt API key)", path="api.api_key"
             )
-        seen: dict[str, int] = {}
+        seen: set[str] = set()
         for index, account in enumerate(self.accounts):
             key = account.username.casefold()
+            if key == account.username:
+                key = account.username  # the same text: keep one string, not two
             if key in seen:
+                first = next(
+                    n for n, a in enumerate(self.accounts) if a.username.casefold() == key
+                )
                 raise ConfigError(
-                    f"duplicate username '{account.username}': "
-                    f"accounts[{seen[key]}] already has it",
+                    f"duplicate username '{account.username}': accounts[{first}] already has it",
                     path=f"accounts[{index}].username",
                 )
-            seen[key] = index
+            seen.add(key)
             if account.enabled:
                 _check_credentials(account, index, self.version_of(account))
         return self
@@ -366,11 +421,14 @@ class Config(_Section, frozen=True):
 
     def masked(self) -> dict[str, Any]:
         """The resolved config as plain data, every secret replaced by ``***``."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude={"accounts"})
         data["database"]["url"] = self.database.masked_url()
         for key in ("api_key", "client_secret"):
             if data["api"][key] is not None:
                 data["api"][key] = MASK
+        data["accounts"] = [
+            {key: getattr(account, key) for key in ACCOUNT_KEYS} for account in self.accounts
+        ]
         for account in data["accounts"]:
             for key in ("password", "password_sha1", "access_token", "refresh_token"):
                 if account[key] is not None:
@@ -483,7 +541,7 @@ def load_config(path: Path, env: Mapping[str, str]) -> Config:
 
 def parse_config(text: str, env: Mapping[str, str], source: str = "config.yaml") -> Config:
     """YAML text -> a validated `Config`; every problem is a `ConfigError` naming the key."""
-    data = _load_yaml(text, source)
+    data, accounts = _load_yaml(text, source, env)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -491,7 +549,8 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config.yaml")
             f"{source}: the top level must be a mapping of sections "
             f"(database, api, schedule, logging, accounts), not {_yaml_kind(data)}"
         )
-    data = _interpolate(data, env, "", {})
+    if accounts is not None:
+        data["accounts"] = accounts
     database_url = env.get(DATABASE_URL_ENV)
     if database_url:
         section = data.get("database")
@@ -506,17 +565,27 @@ def parse_config(text: str, env: Mapping[str, str], source: str = "config.yaml")
 
 
 # libyaml's parser when PyYAML was built with it (the wheels are): ~10x faster on big account
-# lists, and it keeps the transient memory of a 20,000-account file small.
+# lists. PyYAML's composer on top of it builds nodes one top-level value at a time, and the
+# accounts one account at a time, so a file of 100,000 accounts is never held whole as nodes
+# or data: each account is checked, interpolated, validated and kept compact as it is read.
 _SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _load_yaml(text: str, source: str) -> Any:
-    """Parse once: compose the node graph, check it, then construct the data from it."""
-    loader = _SafeLoader(text)
+class _Loader(_SafeLoader):  # type: ignore[misc]
+    compose_node = Composer.compose_node
+    compose_scalar_node = Composer.compose_scalar_node
+    compose_sequence_node = Composer.compose_sequence_node
+    compose_mapping_node = Composer.compose_mapping_node
+
+
+def _load_yaml(
+    text: str, source: str, env: Mapping[str, str]
+) -> tuple[Any, list[AccountConfig] | None]:
+    """The document's data, but for `accounts:` (a list) which comes read and validated."""
+    loader = _Loader(text)
+    loader.anchors = {}
     try:
-        node = loader.get_single_node()
-        _check_nodes(node, "", set(), set())
-        return None if node is None else loader.construct_document(node)
+        return _read_document(loader, env)
     except yaml.MarkedYAMLError as exc:
         # Not str(exc): it quotes the offending line, which may hold a secret.
         mark = exc.problem_mark or exc.context_mark
@@ -527,6 +596,68 @@ def _load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"invalid YAML in {source}") from None
     finally:
         loader.dispose()
+
+
+def _read_document(loader: Any, env: Mapping[str, str]) -> tuple[Any, list[AccountConfig] | None]:
+    loader.get_event()  # the stream starts
+    if loader.check_event(yaml.StreamEndEvent):
+        return None, None
+    loader.get_event()  # the document starts
+    accounts: list[AccountConfig] | None = None
+    data: Any
+    if not loader.check_event(yaml.MappingStartEvent) or loader.peek_event().anchor:
+        data = _interpolate(_read_value(loader, ""), env, "", {})  # not one to stream
+    else:
+        loader.get_event()
+        data = {}
+        first_line: dict[str, int] = {}
+        while not loader.check_event(yaml.MappingEndEvent):
+            key_node = loader.compose_node(None, None)
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` at the top
+                merged = _interpolate(_read_value(loader, ""), env, "", {})
+                for key, value in merged.items() if isinstance(merged, dict) else ():
+                    data.setdefault(key, value)
+                continue
+            key = str(loader.construct_document(key_node))
+            if key in first_line:
+                raise ConfigError(
+                    f"duplicate key '{key}' (first given at line {first_line[key]})", path=key
+                )
+            first_line[key] = key_node.start_mark.line + 1
+            # Interpolated as they are read, so that the first missing variable reported is
+            # the first in the file.
+            if key == "accounts" and _is_plain_sequence(loader):
+                accounts = _read_accounts(loader, env)
+            else:
+                data[key] = _interpolate(_read_value(loader, key), env, key, {})
+        loader.get_event()
+    loader.get_event()  # the document ends
+    if not loader.check_event(yaml.StreamEndEvent):
+        raise ConfigError("the config file must hold one YAML document, not several")
+    return data, accounts
+
+
+def _is_plain_sequence(loader: Any) -> bool:
+    """A sequence next that no alias can point to (an anchored one is read whole)."""
+    return bool(loader.check_event(yaml.SequenceStartEvent)) and not loader.peek_event().anchor
+
+
+def _read_value(loader: Any, path: str) -> Any:
+    node = loader.compose_node(None, None)
+    _check_nodes(node, path, set(), set())
+    return loader.construct_document(node)
+
+
+def _read_accounts(loader: Any, env: Mapping[str, str]) -> list[AccountConfig]:
+    loader.get_event()  # the sequence starts
+    accounts: list[AccountConfig] = []
+    while not loader.check_event(yaml.SequenceEndEvent):
+        index = len(accounts)
+        path = f"accounts[{index}]"
+        item = _interpolate(_read_value(loader, path), env, path, {})
+        accounts.append(account_from(item, index))
+    loader.get_event()
+    return accounts
 
 
 def _check_nodes(node: yaml.Node | None, path: str, visited: set[int], ancestors: set[int]) -> None:
@@ -635,7 +766,7 @@ _SECTION_MODELS: dict[str, type[BaseModel]] = {
     "api": ApiConfig,
     "schedule": ScheduleConfig,
     "logging": LoggingConfig,
-    "accounts": AccountConfig,
+    "accounts": _AccountEntry,
 }
 
 
@@ -651,11 +782,14 @@ def _unknown_key_message(loc: Sequence[int | str]) -> str:
     return message
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
-    """The first problem pydantic found, as a ConfigError; never includes the input value."""
+def _config_error(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> ConfigError:
+    """The first problem pydantic found, as a ConfigError; never includes the input value.
+
+    `prefix` is where the validated value sits in the config (``("accounts", 2)``).
+    """
     problems: list[tuple[str, str]] = []
     for error in exc.errors(include_input=False, include_url=False):
-        loc = error["loc"]
+        loc = (*prefix, *error["loc"])
         if error["type"] == "extra_forbidden":
             message = _unknown_key_message(loc)
         else:

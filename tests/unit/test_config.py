@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -613,6 +615,57 @@ def test_yaml_anchors_and_merge_keys_work() -> None:
     assert config.accounts[1].password == "x"
 
 
+def test_duplicate_top_level_section_is_an_error() -> None:
+    """A section given twice is refused at its key, with the line of the first."""
+    error = config_error("api:\n  retries: 1\naccounts: []\napi:\n  retries: 2\n")
+    assert error.path == "api"
+    assert "line 1" in error.message
+
+
+def test_top_level_merge_key_adds_sections_it_does_not_override() -> None:
+    """`<<:` at the top merges its mapping's sections, explicit ones winning."""
+    text = API + "<<: {logging: {level: debug}, api: {retries: 9}}\n"
+    config = parse_config(text, {})
+    assert config.logging.level == "debug"
+    assert config.api.retries == 4  # api was given explicitly
+    assert config.api.api_key == "the-api-key"
+
+
+def test_anchored_account_list_is_read_whole_and_validated() -> None:
+    """An anchored `accounts:` sequence (not streamed) gives the same accounts."""
+    text = API + "accounts: &all\n  - {username: a, password: x}\n  - {username: b, password: y}\n"
+    assert [a.username for a in parse_config(text, {}).accounts] == ["a", "b"]
+
+
+def test_several_yaml_documents_are_an_error() -> None:
+    """One config file, one document."""
+    error = config_error(API + "---\nlogging: {level: debug}\n")
+    assert "one YAML document" in error.message
+
+
+def test_missing_variable_reported_is_the_first_in_the_file() -> None:
+    """Sections are read in order: an earlier missing variable is the one named."""
+    text = "api:\n  api_key: ${KEY}\naccounts:\n  - username: a\n    password: ${PW}\n"
+    assert config_error(text).path == "api.api_key"
+    assert config_error(text, {"KEY": "k"}).path == "accounts[0].password"
+
+
+def test_a_big_account_list_is_read_one_account_at_a_time() -> None:
+    """Reading 20,000 accounts never holds the file's whole node graph: the peak of the
+    memory allocated while parsing stays within a small multiple of what is kept."""
+    text = API + "accounts:\n" + "".join(
+        f"  - username: user{n:05d}\n    password: pw-user{n:05d}\n" for n in range(20_000)
+    )
+    tracemalloc.start()
+    try:
+        config = parse_config(text, {})
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(config.accounts) == 20_000
+    assert peak < 2 * kept + len(text), (peak, kept)
+
+
 def test_recursive_yaml_alias_is_an_error() -> None:
     """A node containing itself is refused, not a crash."""
     error = config_error("accounts: &x [*x]\n")
@@ -826,7 +879,7 @@ def test_config_is_frozen() -> None:
     config = parse_config(CONTRACT_EXAMPLE, EXAMPLE_ENV)
     with pytest.raises(ValidationError):
         config.api.retries = 9  # type: ignore[misc]
-    with pytest.raises(ValidationError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.accounts[0].password = "x"  # type: ignore[misc]
     with pytest.raises(ValidationError):
         config.database = config.database  # type: ignore[misc]
