@@ -52,21 +52,26 @@ class RunCounts:
 
 def sync_accounts(
     connection: Connection, specs: Iterable[AccountSpec], now: datetime
-) -> dict[str, int]:
-    """Make `accounts` match the config; return every configured username's id.
+) -> None:
+    """Make `accounts` match the config: add new accounts, update changed ones.
 
     Accounts no longer in the config are disabled, never deleted: their history stays, and
-    adding them back resumes it.
+    adding them back resumes it. The table is read as a stream (a server-side cursor where there
+    is one) and the changes go in two statements, whatever the number of accounts.
     """
     wanted = {spec.username: spec for spec in specs}
-    known = {
-        row.username: row
-        for row in connection.execute(
-            select(accounts.c.id, accounts.c.username, accounts.c.api_version, accounts.c.enabled)
-        )
-    }
-    new = [spec for name, spec in wanted.items() if name not in known]
-    if new:
+    changed: list[dict[str, Any]] = []
+    rows = connection.execute(
+        select(
+            accounts.c.id, accounts.c.username, accounts.c.api_version, accounts.c.enabled
+        ).execution_options(yield_per=5_000)
+    )
+    for row in rows:
+        spec = wanted.pop(row.username, None)  # what is left in `wanted` is new
+        enabled, version = (spec.enabled, spec.api_version) if spec else (False, row.api_version)
+        if (row.enabled, row.api_version) != (enabled, version):
+            changed.append({"account": row.id, "now_enabled": enabled, "now_version": version})
+    if wanted:
         # Several workers may add the same new accounts at once: the first one wins, quietly.
         connection.execute(
             _insert_ignoring_duplicates(connection),
@@ -78,20 +83,16 @@ def sync_accounts(
                     "first_seen_at": now,
                     "consecutive_failures": 0,
                 }
-                for spec in new
+                for spec in wanted.values()
             ],
         )
-    for name, row in known.items():
-        spec = wanted.get(name)
-        enabled, version = (spec.enabled, spec.api_version) if spec else (False, row.api_version)
-        if (row.enabled, row.api_version) != (enabled, version):
-            connection.execute(
-                update(accounts)
-                .where(accounts.c.id == row.id)
-                .values(enabled=enabled, api_version=version)
-            )
-    ids = dict(connection.execute(select(accounts.c.username, accounts.c.id)).tuples().all())
-    return {name: ids[name] for name in wanted}
+    if changed:
+        connection.execute(
+            update(accounts)
+            .where(accounts.c.id == bindparam("account"))
+            .values(enabled=bindparam("now_enabled"), api_version=bindparam("now_version")),
+            changed,
+        )
 
 
 def _insert_ignoring_duplicates(connection: Connection) -> Any:
