@@ -15,15 +15,18 @@ results back to the one writer, in this process. Nothing else changes:
 - The processes ignore SIGINT and SIGTERM (the parent decides when they end) and exit when
   their parent goes away, whatever killed it: their end of the socket reads EOF.
 
-The messages are pickled over a socket pair: the parent sends ("task", FetchTask), ("pause",
-monotonic end) and ("stop",); a process sends ("result", account_id, FetchResult | None) and
-("pause", monotonic end). Both sides are in this module, so the protocol is in one place.
+The messages are pickled over a socket pair: the parent sends ("tasks", [FetchTask, ...]),
+("pause", monotonic end) and ("stop",); a process sends ("results", [(account_id, FetchResult |
+None), ...]) and ("pause", monotonic end). Both sides are in this module, so the protocol is in
+one place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -148,20 +151,17 @@ class ProcessFetcher:
                 yield from self._receive(process, control)
 
     def _hand_out(self, tasks: Iterator[FetchTask]) -> bool:
-        """Give each process tasks up to its share; True once there are no more tasks."""
-        while True:
-            process = max(self._processes, key=lambda p: p.free, default=None)
-            if process is None or process.free <= 0:
-                return False
-            task = next(tasks, None)
-            if task is None:
-                return True
-            process.in_flight[task.account_id] = task
-            try:
-                process.connection.send(("task", task))
-            except OSError:
-                # It died; _receive finds out and fails what it held, this task included.
-                return False
+        """Fill each process up to its share, one message each; True once no task is left."""
+        for process in sorted(self._processes, key=lambda p: p.free, reverse=True):
+            batch = list(itertools.islice(tasks, max(0, process.free)))
+            if not batch:
+                return process.free > 0  # no task came although there was room: none left
+            for task in batch:
+                process.in_flight[task.account_id] = task
+            # If it died, _receive finds out and fails what it held, these included.
+            with contextlib.suppress(OSError):
+                process.connection.send(("tasks", batch))
+        return False
 
     def _receive(self, process: _Process, control: RunControl) -> Iterator[FetchResult]:
         try:
@@ -169,11 +169,11 @@ class ProcessFetcher:
         except (EOFError, OSError):
             yield from self._died(process)
             return
-        if message[0] == "result":
-            _, account_id, result = message
-            process.in_flight.pop(account_id, None)
-            if result is not None and control.reason() is None:
-                yield result
+        if message[0] == "results":
+            for account_id, result in message[1]:
+                process.in_flight.pop(account_id, None)
+                if result is not None and control.reason() is None:
+                    yield result
         elif message[0] == "pause":
             for other in self._processes:
                 if other is not process:
@@ -283,13 +283,29 @@ def serve(connection: Connection) -> None:
     )
     run_id = init["run_id"]
 
+    outbox: queue.SimpleQueue[tuple[int, FetchResult | None]] = queue.SimpleQueue()
+
     def fetch(task: FetchTask) -> None:
         try:
             result = fetch_account(client, task, run_id)
         except BaseException as exc:  # never leave the parent waiting for an answer
             log.exception("fetch.task_crashed")
             result = _failed(task, f"{type(exc).__name__} in a fetch process")
-        send(("result", task.account_id, result))
+        outbox.put((task.account_id, result))
+
+    def deliver() -> None:
+        """Send the results as they come, several to a message when several are waiting:
+        a message per result cost the parent more than the rest of an unchanged account."""
+        while True:
+            results = [outbox.get()]
+            while len(results) < 256:
+                try:
+                    results.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            send(("results", results))
+
+    threading.Thread(target=deliver, name="deliver", daemon=True).start()
 
     pool = ThreadPoolExecutor(max_workers=init["threads"], thread_name_prefix="fetch")
     send(("ready",))
@@ -298,8 +314,9 @@ def serve(connection: Connection) -> None:
             message = connection.recv()
         except (EOFError, OSError):
             break  # the parent is gone
-        if message[0] == "task":
-            pool.submit(fetch, message[1])
+        if message[0] == "tasks":
+            for task in message[1]:
+                pool.submit(fetch, task)
         elif message[0] == "pause":
             gate.pause_until(message[1])
         else:

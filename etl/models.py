@@ -141,7 +141,8 @@ accounts = Table(
     Column("next_due_at", UTCDateTime()),
     Column("lease_owner", Id),
     Column("lease_expires_at", UTCDateTime()),
-    Index("ix_accounts_due", "enabled", "next_due_at"),
+    # Claims walk enabled accounts in id order (etl.claims).
+    Index("ix_accounts_enabled_id", "enabled", "id"),
 )
 
 sync_runs = Table(
