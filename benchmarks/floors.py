@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 
@@ -28,18 +27,27 @@ def fetch(base_url: str, count: int, concurrency: int) -> None:
     from etl.fakeapi import DEFAULT_API_KEY, password_for, sha1_hex
 
     url = f"{base_url}/account/settings/{DEFAULT_API_KEY}"
-    local = threading.local()
+    numbers = iter(range(1, count + 1))
+    taking = threading.Lock()
 
-    def one(number: int) -> int:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
-        username = f"user{number:05d}"
-        body = {"username": username, "password": sha1_hex(password_for(username))}
-        return len(session.post(url, json=body, timeout=30).json())
+    def work() -> None:
+        # Each thread takes the next account as it is free: no queue of N futures, so the
+        # floor's own cost per account does not grow with N.
+        with requests.Session() as session:
+            while True:
+                with taking:
+                    number = next(numbers, None)
+                if number is None:
+                    return
+                username = f"user{number:05d}"
+                body = {"username": username, "password": sha1_hex(password_for(username))}
+                session.post(url, json=body, timeout=30).json()
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(1, count + 1), chunksize=16))
+    threads = [threading.Thread(target=work) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def insert(database_url: str, count: int) -> None:

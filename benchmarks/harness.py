@@ -256,9 +256,13 @@ def _reap_orphans(pids: set[int], timeout: float = 10.0) -> None:
 
 
 class _TreeSampler:
-    """Samples the summed RSS of a process and its descendants until stopped."""
+    """Samples the summed RSS of a process and its descendants until stopped.
 
-    def __init__(self, root: int, every_s: float = 0.02) -> None:
+    Cheap on purpose (it shares the machine with what it measures): it follows the kernel's
+    children lists rather than scanning /proc, every 50 ms.
+    """
+
+    def __init__(self, root: int, every_s: float = 0.05) -> None:
         self._root = root
         self._every_s = every_s
         self._stop = threading.Event()
@@ -285,24 +289,29 @@ class _TreeSampler:
 
 
 def _descendants(root: int) -> set[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(entry))
     found: set[int] = set()
     pending = [root]
     while pending:
-        for child in parents.get(pending.pop(), []):
+        for child in _children(pending.pop()):
             if child not in found:
                 found.add(child)
                 pending.append(child)
     return found
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children", "rb") as listing:
+                children += [int(child) for child in listing.read().split()]
+        except OSError:
+            continue
+    return children
 
 
 def _rss_bytes(pid: int) -> int:

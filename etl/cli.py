@@ -161,6 +161,16 @@ def _setup_logging(args: argparse.Namespace, config: Config | None) -> None:
     )
 
 
+def _freeze(_config: Config) -> None:
+    """The config lives as long as the process (or until a reload): spare the garbage collector
+    from walking its objects again and again (with 100,000 accounts, that was a good part of a
+    sync's CPU). What an earlier freeze kept is let go first, so a reloaded config's old one is
+    collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def _prepared_engine(config: Config, *, migrate: bool | None = None) -> Engine:
     engine = db.make_engine(config.database.url)
     db.check_reachable(engine)
@@ -173,9 +183,7 @@ def _prepared_engine(config: Config, *, migrate: bool | None = None) -> Engine:
 def cmd_sync(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
-    # The config lives until the process ends: spare the garbage collector from walking its
-    # objects again and again (with 100,000 accounts, that was a good part of a sync's CPU).
-    gc.freeze()
+    _freeze(config)
     engine = db.make_engine(config.database.url)
     with ProcessLock(lock_path_for(engine), wait=args.wait):
         return _sync(args, config, engine)
@@ -232,16 +240,21 @@ def _on_stop_signals(stop: Callable[[str], None]) -> None:
 def cmd_daemon(args: argparse.Namespace) -> ExitCode:
     config = _load(args)
     _setup_logging(args, config)
+    _freeze(config)
 
     def reload() -> Config:
         return _load(args)
+
+    def reloaded(new: Config) -> None:
+        _setup_logging(args, new)
+        _freeze(new)
 
     from etl.daemon import Daemon  # APScheduler: only the daemon needs it
 
     daemon = Daemon(
         config,
         load_config=reload,
-        on_reload=lambda new: _setup_logging(args, new),
+        on_reload=reloaded,
         initial_run=not args.no_initial_run,
     )
     engine = db.make_engine(config.database.url)
