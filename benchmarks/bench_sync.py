@@ -151,7 +151,7 @@ def run_sync(kind: str, config: Path, url: str, fake: FakeApi, directory: Path) 
         kind=kind,
         measured=result,
         statements=int(sum(entry["statements"] for entry in stats.values())),
-        rows_inserted=int(stats.get("INSERT", {}).get("rows", 0)),
+        rows_inserted=int(sum(stats.get(kind, {}).get("rows", 0) for kind in ("INSERT", "COPY"))),
         rows_updated=int(stats.get("UPDATE", {}).get("rows", 0)),
         db_seconds=sum(entry["seconds"] for entry in stats.values()),
         history_rows=sum(after[t] - before[t] for t in HISTORY),

@@ -3,7 +3,9 @@
 The command runs unchanged in this process; a SQLAlchemy cursor listener (on every engine)
 counts the statements it sends, by kind, with the rows they touched (the driver's rowcount) and
 the time spent in the driver, and writes them to STATS.json at exit. The listener costs about a
-microsecond a statement; an executemany is one statement with many parameter sets.
+microsecond a statement; an executemany is one statement with many parameter sets. PostgreSQL's
+COPY goes to the driver directly, past SQLAlchemy's events, so `etl.bulk._copy` is wrapped to
+count it the same way (one statement, its rows, its time, row formatting included).
 """
 
 from __future__ import annotations
@@ -45,6 +47,23 @@ def _after(
     entry["seconds"] += time.perf_counter() - _started.pop(id(cursor), time.perf_counter())
 
 
+def _count_copies() -> None:
+    from etl import bulk
+
+    copy = bulk._copy
+
+    def counted(connection: Any, table: Any, rows: Any) -> None:
+        started = time.perf_counter()
+        copy(connection, table, rows)
+        entry = _stats["COPY"]
+        entry["statements"] += 1
+        entry["parameter_sets"] += len(rows)
+        entry["rows"] += len(rows)
+        entry["seconds"] += time.perf_counter() - started
+
+    bulk._copy = counted
+
+
 def main() -> int:
     path, argv = sys.argv[1], sys.argv[2:]
 
@@ -53,6 +72,7 @@ def main() -> int:
             json.dump(_stats, out)
 
     atexit.register(write)
+    _count_copies()
     from etl.cli import main as cli
 
     code = cli(argv)
