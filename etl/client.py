@@ -1,10 +1,11 @@
 """The trakt HTTP client: one adapter per API version behind one `TraktClient`.
 
 An adapter knows its version's request and answer shapes (`V1Adapter`: POST
-``account/settings/{apikey}``); the client knows HTTP: sessions, timeouts, the body size limit, and
-translating every failure into a `FetchError` with a kind. Error texts are redacted here, where
-the account's secrets are at hand; the v1 api key is a URL path segment, and `requests` puts URLs
-into its exception messages.
+``account/settings/{apikey}``); the client knows HTTP: sessions, timeouts (a deadline on the whole
+answer, not only on each read), the content type, the body size limit, and translating every
+failure into a `FetchError` with a kind. Error texts are redacted here, where the account's
+secrets are at hand; the v1 api key is a URL path segment, and `requests` puts URLs into its
+exception messages.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import requests
 import structlog
+import urllib3
 from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
@@ -285,6 +287,8 @@ class TraktClient:
         request = adapter.request(self._api, account)
         answer = self._send(request)
         status = answer.status
+        if status == 200:  # an error status is reported as such, whatever its body's type
+            _check_content_type(answer.content_type, answer.body)
         sha256 = hashlib.sha256(answer.body).hexdigest()
         if status == 200 and sha256 == known_sha256:
             return Fetched(account.username, version, None, None, status, 1, sha256)
@@ -317,6 +321,9 @@ class TraktClient:
         if not self._gate.wait_turn():
             raise Stopped("stopped before the request was sent")
         timeout = self._api.timeout_s
+        # The whole answer (connect, head and body) must be in by then; waiting for our turn
+        # at the gate is not the server's time.
+        deadline = time.monotonic() + timeout
         session = self._session()
         try:
             response = session.send(
@@ -343,11 +350,18 @@ class TraktClient:
                 raise FetchError(
                     ErrorKind.HTTP, f"HTTP {status}: redirect not followed", http_status=status
                 )
-            body = self._read_limited(response)
+            body = self._read_limited(response, deadline)
             return _Answer(status, response.headers.get("Content-Type", ""), body, pause)
 
-    def _read_limited(self, response: requests.Response) -> bytes:
-        """The body, refusing to hold more than the configured limit in memory."""
+    def _read_limited(self, response: requests.Response, deadline: float) -> bytes:
+        """The body, refusing to hold more than the configured limit in memory, or to wait for
+        it past `deadline`.
+
+        requests' timeout bounds each socket read, not the answer: a server sending a few bytes
+        a second would hold this worker as long as it pleased. So the body is read as it comes
+        (`read1`: at most one socket read each), with the clock checked before every read and
+        that read's own timeout cut to the time left.
+        """
         limit = self._api.max_body_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -356,10 +370,15 @@ class TraktClient:
                 f"body of {int(declared)} bytes exceeds the {limit}-byte limit",
                 http_status=response.status_code,
             )
+        raw = response.raw
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_content(_CHUNK):
+            while True:
+                self._bound_next_read(raw, deadline, size, response.status_code)
+                chunk = raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > limit:
                     raise FetchError(
@@ -368,13 +387,58 @@ class TraktClient:
                         http_status=response.status_code,
                     )
                 chunks.append(chunk)
-        except requests.Timeout as exc:
-            raise FetchError(ErrorKind.TIMEOUT, "the answer stalled while being read") from exc
-        except requests.RequestException as exc:
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            # Each read may wait only the time left, so a read timing out means it is spent.
+            raise self._too_slow(size, response.status_code) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise FetchError(
                 ErrorKind.CONNECTION, f"connection broke while reading the answer: {exc}"
             ) from exc
         return b"".join(chunks)
+
+    def _bound_next_read(
+        self, raw: urllib3.BaseHTTPResponse, deadline: float, size: int, status: int
+    ) -> None:
+        """Fail once `deadline` has passed; else let the next socket read wait only until it."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._too_slow(size, status)
+        if left < self._api.timeout_s:
+            # Reset by urllib3 before the connection's next request, so this cut stays here.
+            sock = getattr(raw.connection, "sock", None)
+            if sock is not None:
+                sock.settimeout(left)
+
+    def _too_slow(self, size: int, status: int) -> FetchError:
+        return FetchError(
+            ErrorKind.TIMEOUT,
+            f"the body took longer than {self._api.timeout_s:g}s to arrive ({size} bytes by then)",
+            http_status=status,
+        )
+
+
+# Content types that say JSON: application/json and any structured-syntax */*+json, whatever
+# their parameters (charset=utf-8).
+def _is_json_type(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or ("/" in media and media.endswith("+json"))
+
+
+def _check_content_type(content_type: str, body: bytes) -> None:
+    """A success answer must say it is JSON; an HTML page (Cloudflare's) is named as such.
+
+    An absent header is tolerated: the body is still parsed and every field checked, and
+    failing a well-formed answer because a proxy dropped a header would fail accounts for
+    nothing. A header that names another type is believed: the server says it is not JSON.
+    """
+    if content_type == "application/json" or not content_type or _is_json_type(content_type):
+        return
+    shown = content_type[:100]
+    if "html" in content_type.lower() or body[:64].lstrip().startswith(b"<"):
+        message = f"expected JSON, got an HTML page ({shown})"
+    else:
+        message = f"content type: expected application/json, got {shown}"
+    raise FetchError(ErrorKind.INVALID_RESPONSE, message, http_status=200)
 
 
 def _decode(raw: bytes, status: int) -> str:

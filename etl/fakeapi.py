@@ -3,7 +3,7 @@
 This module owns the stand-in for api.trakt.tv that the tests, the ``trakt-etl demo`` command and
 the benchmarks talk to. It is a real HTTP/1.1 server (`etl.fakeserver`: one asyncio loop in a
 daemon thread, bound to 127.0.0.1, keep-alive with Content-Length framing; only ``Fault.huge``
-may send a chunked body) that:
+and ``Fault.drip`` may send a chunked body) that:
 
 - serves the v1 account settings payload, exactly in the shape of the seed API page
   (``sample_settings`` makes deterministic, varied accounts; ``"justin"`` is the seed's example);
@@ -11,7 +11,8 @@ may send a chunked body) that:
 - lets a test change what an account serves (``set_profile``, ``set_connection``, ...) and
   misbehave on purpose for one account (``inject`` a ``Fault``: an HTTP error, invalid JSON, an
   HTML error page, an API ``"failure"``, a delay, an empty body, a connection reset, a huge
-  streamed body, a redirect), ``times`` requests at a time, on every ``every``-th request;
+  streamed body, a redirect, a body dripped a few bytes at a time, the JSON payload under another
+  Content-Type), ``times`` requests at a time, on every ``every``-th request;
 - counts the requests it receives, per username, and records when each one arrived.
 
 Faults are looked up by the username in the request body, before any credential check. Waits
@@ -275,6 +276,10 @@ class Fault:
     with a TCP reset, and ``stream_bytes=n`` streams an ``n``-byte JSON body in ``HUGE_CHUNK``
     pieces (``Transfer-Encoding: chunked`` when ``chunked``, else a ``Content-Length``) without
     ever building it whole. ``delay_s`` is slept first in every case.
+
+    ``drip_bytes=n`` sends whatever the answer would be (``body``, or the normal one) slowly: the
+    head at once, then the body ``n`` bytes at a time, ``drip_interval_s`` apart (chunked when
+    ``chunked``, else with a Content-Length): every read is quick, the whole answer is not.
     """
 
     status: int = 200
@@ -287,6 +292,8 @@ class Fault:
     reset_connection: bool = False
     stream_bytes: int | None = None
     chunked: bool = True
+    drip_bytes: int | None = None
+    drip_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 100 <= self.status <= 599:
@@ -304,6 +311,16 @@ class Fault:
         answers = (self.body is not None, self.reset_connection, self.stream_bytes is not None)
         if sum(answers) > 1:
             raise ValueError("body, reset_connection and stream_bytes are mutually exclusive")
+        if self.drip_bytes is not None:
+            self._check_drip(self.drip_bytes)
+
+    def _check_drip(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"drip_bytes must be None or >= 1, got {size}")
+        if self.drip_interval_s < 0:
+            raise ValueError(f"drip_interval_s must be >= 0, got {self.drip_interval_s}")
+        if self.reset_connection or self.stream_bytes is not None:
+            raise ValueError("drip_bytes cannot drip a reset_connection or stream_bytes answer")
 
     @classmethod
     def http(
@@ -367,6 +384,32 @@ class Fault:
         return cls(status=200, stream_bytes=size_bytes, chunked=chunked, times=times)
 
     @classmethod
+    def drip(
+        cls,
+        bytes_per_interval: int = 4,
+        interval_s: float = 1.0,
+        chunked: bool = False,
+        times: int | None = None,
+    ) -> Self:
+        """The normal answer, its body sent ``bytes_per_interval`` bytes every ``interval_s``.
+
+        Each piece comes well within any read timeout, so only a deadline on the whole answer
+        stops a client from waiting for all of it (a 1 KB body at 4 bytes/s takes minutes).
+        """
+        return cls(
+            drip_bytes=bytes_per_interval,
+            drip_interval_s=interval_s,
+            chunked=chunked,
+            times=times,
+        )
+
+    @classmethod
+    def mislabeled(cls, content_type: str = "text/plain", times: int | None = None) -> Self:
+        """The normal success payload (valid JSON) under another ``Content-Type`` header;
+        ``""`` sends no Content-Type header at all."""
+        return cls(content_type=content_type, times=times)
+
+    @classmethod
     def redirect(cls, location: str, status: int = 302, times: int | None = None) -> Self:
         """A ``status`` (3xx) answer with a ``Location: location`` header and an empty body."""
         if not 300 <= status <= 399:
@@ -395,6 +438,20 @@ class _QueuedFault:
 def _failure(status: int, error: str) -> Response:
     return Response(status, _failure_body(error))
 
+
+def _dripped(response: Response, size: int, interval_s: float, chunked: bool) -> Stream:
+    """`response` with its body cut into `size`-byte pieces sent `interval_s` apart."""
+    body = response.body
+    pieces = [body[at : at + size] for at in range(0, len(body), size)]
+    return Stream(
+        response.status,
+        len(body),
+        chunked,
+        response.content_type,
+        response.headers,
+        pieces,
+        interval_s,
+    )
 
 
 def _huge_pieces(size: int) -> Iterator[bytes]:
@@ -714,13 +771,16 @@ class FakeTrakt:
                 _huge_pieces(fault.stream_bytes),
             )
         if fault.body is not None:
-            return Response(fault.status, fault.body, fault.content_type, dict(fault.headers))
-        response = self._answer(api_key, parsed)
-        response.raw = None  # the fault changes what goes out
-        if response.status == 200:
-            response.status = fault.status
-            response.content_type = fault.content_type
-        response.headers.update(fault.headers)
+            response = Response(fault.status, fault.body, fault.content_type, dict(fault.headers))
+        else:
+            response = self._answer(api_key, parsed)
+            response.raw = None  # the fault changes what goes out
+            if response.status == 200:
+                response.status = fault.status
+                response.content_type = fault.content_type
+            response.headers.update(fault.headers)
+        if fault.drip_bytes is not None:
+            return _dripped(response, fault.drip_bytes, fault.drip_interval_s, fault.chunked)
         return response
 
     def _answer(self, api_key: str, parsed: object) -> Response:
@@ -796,6 +856,24 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _print_banner(url: str, api_key: str, names: list[str]) -> None:
+    """The base URL first (scripts read that line), then how to try it."""
+    print(url)
+    print(f"api key:   {api_key}")
+    if names:
+        print(f"accounts:  {len(names)} ({names[0]} .. {names[-1]})")
+        print("password:  pw-<username>, sent as its SHA-1 hex")
+        print(
+            f"try:       curl -X POST {url}/account/settings/{api_key} "
+            f'-d \'{{"username": "{names[0]}", '
+            f'"password": "{sha1_hex(password_for(names[0]))}"}}\''
+        )
+    else:
+        print("accounts:  none")
+    print("Ctrl-C to stop")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the fake API in the foreground until Ctrl-C (or SIGTERM)."""
     parser = argparse.ArgumentParser(
@@ -823,23 +901,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
         return 1
-    print(url)
-    print(f"api key:   {args.api_key}")
-    if names:
-        print(f"accounts:  {len(names)} ({names[0]} .. {names[-1]})")
-        print("password:  pw-<username>, sent as its SHA-1 hex")
-        print(
-            f"try:       curl -X POST {url}/account/settings/{args.api_key} "
-            f'-d \'{{"username": "{names[0]}", '
-            f'"password": "{sha1_hex(password_for(names[0]))}"}}\''
-        )
-    else:
-        print("accounts:  none")
-    print("Ctrl-C to stop")
-    sys.stdout.flush()
-
+    # TERM is handled before the URL goes out: whoever reads it may stop us at once, and an
+    # unhandled TERM would end the process without stopping the server (exit status -15).
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        _print_banner(url, args.api_key, names)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

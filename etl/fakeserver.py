@@ -7,8 +7,8 @@ connection spent most of its time switching threads. The loop is uvloop's when u
 installed (the `bench` extra), else asyncio's own.
 
 Answers that must wait (latency, delay faults) are timers, not threads; a huge streamed body is
-written piece by piece as the socket drains, never built whole. `stop()` returns promptly: every
-connection is dropped, sleeping requests included.
+written piece by piece as the socket drains, never built whole, and a dripped one a piece per
+interval. `stop()` returns promptly: every connection is dropped, sleeping requests included.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Reset:
 
 @dataclass
 class Stream:
-    """A body of `size` bytes written piece by piece from `pieces`."""
+    """A body of `size` bytes written piece by piece from `pieces`, `interval_s` apart (a slow
+    drip when positive; as fast as the socket drains when 0)."""
 
     status: int
     size: int
@@ -57,6 +58,7 @@ class Stream:
     content_type: str
     headers: dict[str, str]
     pieces: Iterable[bytes]
+    interval_s: float = 0.0
 
 
 Answer = Response | Stream | Reset
@@ -272,14 +274,19 @@ class _Connection(asyncio.Protocol):
                 self._close()
 
     async def _stream(self, stream: Stream, head_only: bool, close: bool) -> None:
-        """Write a huge body as the socket drains; a client that goes away just ends it."""
+        """Write a body piece by piece as the socket drains (and, for a drip, as the interval
+        passes); a client that goes away just ends it."""
         length = None if stream.chunked else stream.size
         head = head_bytes(
             stream.status, stream.content_type, stream.headers, length=length, close=close
         )
         self._write(head)
         if not head_only:
-            for piece in stream.pieces:
+            for number, piece in enumerate(stream.pieces):
+                if number and stream.interval_s > 0:
+                    # A timer on the loop, not a thread: stop() and a client that hangs up
+                    # cancel it with the task (connection_lost).
+                    await asyncio.sleep(stream.interval_s)
                 await self._writable.wait()
                 if self._closed or self._server.stopping:
                     return

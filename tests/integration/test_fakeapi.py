@@ -503,6 +503,91 @@ def test_every_k_times_counts_only_the_requests_the_fault_applied_to(fake: FakeT
     assert statuses == [429, 200, 429, 502, 200, 200]
 
 
+def test_normal_and_error_answers_are_labelled_application_json(fake: FakeTrakt) -> None:
+    """The success payload (first and cached) and the fake's own failures say application/json."""
+    fake.add_account("sean")
+    answers = [post(fake, "sean"), post(fake, "sean"), post(fake, "sean", password="wrong")]
+    assert [a.status_code for a in answers] == [200, 200, 401]
+    assert [a.headers["Content-Type"] for a in answers] == ["application/json"] * 3
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain; charset=utf-8"])
+def test_mislabeled_fault_serves_the_payload_under_another_content_type(
+    fake: FakeTrakt, content_type: str
+) -> None:
+    """Fault.mislabeled keeps the normal JSON body and changes only the Content-Type."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.mislabeled(content_type, times=1))
+    response = post(fake, "sean")
+    assert response.headers["Content-Type"] == content_type
+    assert response.json() == post(fake, "sean").json()
+    assert response.json()["status"] == "success"
+
+
+def test_mislabeled_fault_with_an_empty_type_sends_no_content_type(fake: FakeTrakt) -> None:
+    """Fault.mislabeled("") leaves the Content-Type header out altogether."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.mislabeled("", times=1))
+    response = post(fake, "sean")
+    assert "Content-Type" not in response.headers
+    assert response.json()["status"] == "success"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content_length", "chunked"])
+def test_drip_fault_sends_the_normal_answer_slowly_within_each_read_timeout(
+    fake: FakeTrakt, chunked: bool
+) -> None:
+    """Fault.drip sends the whole normal answer in pieces an interval apart: each read is
+    quick, so a per-read timeout (0.3 s here) never fires while the answer takes longer."""
+    fake.add_account("sean")
+    normal = post(fake, "sean").content
+    piece = len(normal) // 5 + 1  # 5 pieces, 4 intervals of 0.1 s
+    fake.inject("sean", Fault.drip(piece, 0.1, chunked=chunked, times=1))
+    started = time.monotonic()
+    response = post(fake, "sean", timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert response.content == normal
+    assert response.headers["Content-Type"] == "application/json"
+    if chunked:
+        assert response.headers["Transfer-Encoding"] == "chunked"
+    else:
+        assert response.headers["Content-Length"] == str(len(normal))
+    assert 0.4 <= elapsed < 3
+    assert post(fake, "sean").content == normal  # times=1: normal service again
+
+
+def test_drip_fault_sends_the_head_at_once_then_a_few_bytes_per_interval(fake: FakeTrakt) -> None:
+    """The head arrives before the first interval; then the body comes a piece per interval."""
+    fake.add_account("sean")
+    fake.inject("sean", Fault.drip(4, 0.2, times=1))
+    with requests.post(
+        settings_url(fake), json=credentials("sean"), timeout=5, stream=True
+    ) as response:
+        started = time.monotonic()
+        assert response.status_code == 200
+        pieces = [response.raw.read1(1024) for _ in range(3)]
+        elapsed = time.monotonic() - started
+    assert b"".join(pieces) == b'{"status": "succ'[: len(b"".join(pieces))]
+    assert all(len(p) <= 4 for p in pieces)
+    assert 0.3 <= elapsed < 2  # pieces 2 and 3 each waited an interval
+
+
+def test_stop_is_prompt_while_a_body_drips() -> None:
+    """stop() returns promptly while a dripped body has minutes left to go."""
+    fake = FakeTrakt()
+    fake.start()
+    fake.add_account("sean")
+    fake.inject("sean", Fault.drip(1, 5.0))
+    with requests.post(
+        settings_url(fake), json=credentials("sean"), timeout=5, stream=True
+    ) as response:
+        assert response.raw.read1(1) == b"{"
+        started = time.monotonic()
+        fake.stop()
+        assert time.monotonic() - started < 1.0
+
+
 def test_new_fault_arguments_are_validated() -> None:
     """every < 1, a too small huge body, a non-3xx redirect and mixed answers are refused."""
     with pytest.raises(ValueError, match="every"):
@@ -514,6 +599,14 @@ def test_new_fault_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="mutually exclusive"):
         Fault(body=b"", reset_connection=True)
     assert Fault.huge(HUGE_MIN_BYTES).stream_bytes == HUGE_MIN_BYTES
+    with pytest.raises(ValueError, match="drip_bytes"):
+        Fault.drip(0)
+    with pytest.raises(ValueError, match="drip_interval_s"):
+        Fault.drip(4, interval_s=-1)
+    with pytest.raises(ValueError, match="drip_bytes cannot"):
+        Fault(drip_bytes=4, reset_connection=True)
+    with pytest.raises(ValueError, match="drip_bytes cannot"):
+        Fault(drip_bytes=4, stream_bytes=HUGE_MIN_BYTES)
 
 
 def test_huge_chunked_body_is_streamed_with_exactly_size_bytes(fake: FakeTrakt) -> None:

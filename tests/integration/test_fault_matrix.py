@@ -86,6 +86,7 @@ MiB = 1024 * 1024
 # username, how the fake misbehaves, the error kind (None: synced), requests the fake must see
 CASES: list[tuple[str, Spoil, str | None, int]] = [
     ("slow", inject(Fault.delay(2.0)), "timeout", ATTEMPTS),
+    ("dripping", inject(Fault.drip(4, 0.2)), "timeout", ATTEMPTS),  # each read quick, not all
     ("reset", inject(Fault.reset()), "connection", ATTEMPTS),
     ("http500", inject(Fault.http(500)), "http", ATTEMPTS),
     ("flaky503", inject(Fault.http(503, times=1)), None, 2),
@@ -93,6 +94,7 @@ CASES: list[tuple[str, Spoil, str | None, int]] = [
     ("every_other502", inject(Fault.alternating(502)), None, 2),
     ("badjson", inject(Fault.invalid_json()), "invalid_response", 1),
     ("htmlpage", inject(Fault.html()), "invalid_response", 1),
+    ("mislabeled", inject(Fault.mislabeled("text/plain")), "invalid_response", 1),
     ("emptybody", inject(Fault.empty()), "invalid_response", 1),
     ("apifailure", inject(Fault.api_failure()), "api_failure", 1),
     ("unauthorized", inject(Fault.http(401)), "auth", 1),
@@ -186,7 +188,7 @@ def test_fault_matrix__each_account_ends_as_expected(
         if row.error_kind is not None:
             assert history(engine, name) == before[name], f"{name}: failure changed history"
             assert row.error_message
-    assert elapsed < 30  # the 20 MB bodies were cut short, the slow one timed out
+    assert elapsed < 30  # the 20 MB bodies were cut short, the slow and dripping ones timed out
 
     drift = [e for e in logs if e["event"] == "schema.drift"]
     assert len(drift) == 1
