@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Select, and_, func, or_, select, update
 
 from etl.models import accounts, raw_payloads
+from etl.runs import paths_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -37,6 +38,8 @@ class Claim:
     account_id: int
     username: str
     payload_sha256: str | None = None  # of the body stored last: the same answer changes nothing
+    # The fields of that body the normalizer does not know: the same answer reports them again.
+    unknown_paths: tuple[str, ...] = ()
 
 
 def _free(now: datetime) -> object:
@@ -47,17 +50,29 @@ def _due(now: datetime) -> object:
     return or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at <= now)
 
 
-def _latest_payload_sha256() -> Any:
-    """The hash of the account's latest raw payload: one step back along the (account_id, id)
+def _latest_payload(column: Any) -> Any:
+    """A column of the account's latest raw payload: one step back along the (account_id, id)
     index, for each account claimed."""
     return (
-        select(raw_payloads.c.sha256)
+        select(column)
         .where(raw_payloads.c.account_id == accounts.c.id)
         .order_by(raw_payloads.c.id.desc())
         .limit(1)
         .correlate(accounts)
         .scalar_subquery()
     )
+
+
+def _latest_payload_columns() -> list[Any]:
+    """What a claim brings of the latest payload: its hash and its unknown paths.
+
+    Two scalar subqueries rather than a join: PostgreSQL refuses FOR UPDATE on the nullable
+    side of an outer join, and each is the same short index step.
+    """
+    return [
+        _latest_payload(raw_payloads.c.sha256).label("sha256"),
+        _latest_payload(raw_payloads.c.unknown_paths).label("unknown_paths"),
+    ]
 
 
 def claim(
@@ -94,14 +109,15 @@ def claim(
     if only is not None:
         conditions.append(accounts.c.username.in_(list(only)))
     query = (
-        select(accounts.c.id, accounts.c.username, _latest_payload_sha256().label("sha256"))
+        select(accounts.c.id, accounts.c.username, *_latest_payload_columns())
         .where(and_(*conditions))  # type: ignore[arg-type]
         .order_by(accounts.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     found = [
-        Claim(int(row.id), str(row.username), row.sha256) for row in connection.execute(query)
+        Claim(int(row.id), str(row.username), row.sha256, paths_of(row.unknown_paths))
+        for row in connection.execute(query)
     ]
     if found:
         connection.execute(

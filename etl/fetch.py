@@ -36,12 +36,14 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class FetchTask:
-    """One account to fetch, with the SHA-256 of the body stored for it last time."""
+    """One account to fetch, with the SHA-256 of the body stored for it last time and that
+    body's unknown paths (an unchanged answer is not decoded: these are its paths)."""
 
     account_id: int
     account: AccountConfig
     api_version: int
     known_sha256: str | None = None
+    known_unknown_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ class FetchResult:
     body: str | None = None  # only for a new body
     snapshot: Snapshot | None = None  # only for a new body
     error: FetchError | None = None
+    # Fields the normalizer does not know: the new body's, or the stored one's when unchanged.
+    unknown_paths: tuple[str, ...] = ()
 
     @property
     def unchanged(self) -> bool:
@@ -110,6 +114,7 @@ def fetch_account(
             sha256=fetched.sha256,
             body=fetched.body,
             snapshot=snapshot,
+            unknown_paths=task.known_unknown_paths if snapshot is None else snapshot.unknown_paths,
         )
 
 

@@ -211,6 +211,9 @@ raw_payloads = Table(
     Column("api_version", Integer, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("body", LongText, nullable=False),
+    # The body's fields the normalizer does not know (a JSON list; NULL for none), so that an
+    # unchanged answer, never decoded again, still reports them as `schema.drift`.
+    Column("unknown_paths", LongText),
     Index("ix_raw_payloads_account_id_id", "account_id", "id"),
 )
 

@@ -5,8 +5,8 @@ Small statements the sync pipeline calls inside its transactions; no decisions a
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -137,6 +137,7 @@ def start_run(
     started_at: datetime,
     trigger: str,
     total: int,
+    host: str,
     worker_id: int | None = None,
     deadline_at: datetime | None = None,
 ) -> int:
@@ -148,7 +149,7 @@ def start_run(
             status=RunStatus.RUNNING,
             trigger=trigger,
             accounts_total=total,
-            host=socket.gethostname(),
+            host=host,
             pid=os.getpid(),
             worker_id=worker_id,
         )
@@ -191,6 +192,18 @@ class StoredPayload:
     api_version: int
     sha256: str
     body: str
+    unknown_paths: Sequence[str] = ()
+
+
+def paths_text(paths: Sequence[str]) -> str | None:
+    """Unknown paths as `raw_payloads.unknown_paths` stores them: a JSON list, NULL for none
+    (the usual case costs nothing)."""
+    return json.dumps(sorted(paths), ensure_ascii=False) if paths else None
+
+
+def paths_of(stored: str | None) -> tuple[str, ...]:
+    """The unknown paths stored with a body (`paths_text` read back)."""
+    return tuple(json.loads(stored)) if stored else ()
 
 
 def store_payloads(connection: Connection, run_id: int, payloads: Sequence[StoredPayload]) -> None:
@@ -206,6 +219,7 @@ def store_payloads(connection: Connection, run_id: int, payloads: Sequence[Store
                 "api_version": payload.api_version,
                 "sha256": payload.sha256,
                 "body": payload.body,
+                "unknown_paths": paths_text(payload.unknown_paths),
             }
             for payload in payloads
         ],

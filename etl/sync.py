@@ -229,8 +229,7 @@ class Syncer:
                 return
             tally.succeeded += 1
             tally.changed += bool(written.changes)
-            if result.snapshot is not None:
-                tally.drift.update(result.snapshot.unknown_paths)
+            tally.drift.update(result.unknown_paths)  # an unchanged body's come from the claim
             if written.changes:
                 log.info("account.changed", changes=[c.as_log() for c in written.changes])
             log.info(
@@ -276,6 +275,7 @@ class Syncer:
                         account,
                         self._config.version_of(account),
                         claimed.payload_sha256,
+                        claimed.unknown_paths,
                     )
 
     def _claim(self, plan: _Plan, limit: int, after: int) -> list[claims.Claim]:
@@ -333,6 +333,7 @@ class Syncer:
                 started_at=as_of,
                 trigger=trigger,
                 total=expected,
+                host=liveness.HOST,
                 worker_id=self._worker_id,
                 deadline_at=None if deadline_s is None else as_of + timedelta(seconds=deadline_s),
             )

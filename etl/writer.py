@@ -115,6 +115,7 @@ class BatchWriter:
                     api_version=r.api_version,
                     sha256=r.sha256 or "",
                     body=r.body or "",
+                    unknown_paths=r.unknown_paths,
                 )
                 for r in new
             ],

@@ -38,17 +38,21 @@ def test_claim__walks_ids_after_the_cursor_leasing_them_with_their_latest_hash(
     engine: Engine,
 ) -> None:
     """A claim takes the next free accounts after `after_id`, in id order, leased to the
-    worker, each with the hash of its latest raw payload."""
+    worker, each with the hash and the unknown paths of its latest raw payload."""
     ids = add_accounts(engine, 10)
     with engine.begin() as connection:
         run = connection.execute(
             insert(sync_runs).values(started_at=NOW, status="success", trigger="manual")
         ).inserted_primary_key[0]
-        for number, sha in ((1, "a" * 64), (1, "b" * 64), (3, "c" * 64)):
+        for number, sha, paths in (
+            (1, "a" * 64, '["badges"]'),  # replaced by a body without unknown fields
+            (1, "b" * 64, None),
+            (3, "c" * 64, '["badges", "profile.pronouns"]'),
+        ):
             connection.execute(
                 insert(raw_payloads).values(
                     account_id=ids[number], run_id=run, fetched_at=NOW, api_version=1,
-                    sha256=sha, body="{}",
+                    sha256=sha, body="{}", unknown_paths=paths,
                 )
             )  # fmt: skip
         first = claims.claim(connection, worker_id=7, now=NOW, lease_s=60, limit=4, after_id=0)
@@ -59,6 +63,7 @@ def test_claim__walks_ids_after_the_cursor_leasing_them_with_their_latest_hash(
     assert [c.account_id for c in first] == ids[:4]
     assert [c.account_id for c in second] == ids[4:8]
     assert [c.payload_sha256 for c in first] == [None, "b" * 64, None, "c" * 64]
+    assert [c.unknown_paths for c in first] == [(), (), (), ("badges", "profile.pronouns")]
     with engine.connect() as connection:
         leased = connection.execute(
             select(accounts.c.id).where(accounts.c.lease_owner == 7).order_by(accounts.c.id)
@@ -100,7 +105,7 @@ def test_claim_query__uses_the_enabled_id_index_without_sorting(
             sa.or_(accounts.c.last_attempt_at.is_(None), accounts.c.last_attempt_at < NOW)
         )
     query = (
-        select(accounts.c.id, claims._latest_payload_sha256())
+        select(accounts.c.id, *claims._latest_payload_columns())
         .where(*conditions)
         .order_by(accounts.c.id)
         .limit(50)

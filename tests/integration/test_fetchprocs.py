@@ -24,7 +24,7 @@ from etl.control import RunControl
 from etl.fakeapi import FakeTrakt, Fault
 from etl.ratelimit import RequestGate
 from etl.sync import RunSummary, Syncer
-from tests.conftest import ConfigFactory, fetch_processes_of
+from tests.conftest import ConfigFactory, fetch_processes_of, json_logs
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +63,22 @@ CURRENT = {
 def test_sync_on_fetch_processes__stores_what_threads_store(
     engine: Engine, make_config: ConfigFactory, fake_api: FakeTrakt, tmp_path: Path
 ) -> None:
-    """First sync, unchanged re-sync and a change: the same rows and events either way."""
+    """First sync, unchanged re-sync and a change: the same rows and events either way, and
+    an unknown field reported by every run, the unchanged one included."""
     users = fake_api.add_generated(60)
+    drifting = fake_api.settings(users[5])
+    drifting["badges"] = ["early"]
+    fake_api.set_payload(users[5], drifting)
     on_processes = make_config(users, concurrency=4, fetch_processes=PROCESSES)
     threads_engine = db.make_engine(f"sqlite:///{tmp_path / 'threads.db'}")
     db.upgrade(threads_engine)
     on_threads = make_config(users, concurrency=4, fetch_processes=0)
 
-    first = sync(engine, on_processes)
+    with json_logs() as first_logs:
+        first = sync(engine, on_processes)
     sync(threads_engine, on_threads)
-    unchanged = sync(engine, on_processes)
+    with json_logs() as unchanged_logs:
+        unchanged = sync(engine, on_processes)
     fake_api.set_profile(users[7], location="Porto, Portugal")
     fake_api.remove_network(users[8], "twitter")
     changed = sync(engine, on_processes)
@@ -85,6 +91,9 @@ def test_sync_on_fetch_processes__stores_what_threads_store(
     for name, sql in CURRENT.items():
         assert table(engine, sql) == table(threads_engine, sql), name
     assert table(engine, "SELECT COUNT(*) FROM raw_payloads") == {(62,)}
+    for logs in (first_logs, unchanged_logs):
+        drift = [e["paths"] for e in logs if e["event"] == "schema.drift"]
+        assert drift == [["badges"]]
     assert fetch_processes() == [], "fetch processes outlived their run"
     threads_engine.dispose()
 

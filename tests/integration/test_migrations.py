@@ -15,7 +15,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, MetaData, insert, inspect, select
+from sqlalchemy import Engine, MetaData, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from etl import db, models
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 CONTRACT_CHECK = Path(__file__).resolve().parents[3] / "shared" / "tools" / "contract_check.py"
 BEFORE_IS_CURRENT = "0002"  # the revision before history rows got `is_current`
+BEFORE_UNKNOWN_PATHS = "0004"  # the revision before raw_payloads got `unknown_paths`
 
 T0 = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
 T1 = datetime(2026, 2, 1, 9, 30, 15, 123456, tzinfo=UTC)
@@ -259,3 +260,44 @@ def test_history_rows_survive_upgrade_and_current_row_stays_unique(bare_engine: 
         ).all()
     assert len(justin) == (4 if closed_owner == "justin" else 3)
     assert [row.id for row in justin if row.is_current == 1] == [current_id]
+
+
+def test_raw_payloads_keep_their_rows_across_unknown_paths_up_and_down(
+    bare_engine: Engine,
+) -> None:
+    """0005 adds raw_payloads.unknown_paths: a body stored before it reads back with NULL (no
+    paths known), and undoing 0005 (a table rebuild on SQLite) keeps every row."""
+    db.upgrade(bare_engine, BEFORE_UNKNOWN_PATHS)
+    # At 0004 the tables are etl.models' but for the new column, which these inserts leave out.
+    account = {"username": "justin", "api_version": 1, "enabled": True, "first_seen_at": T0}
+    run = {"started_at": T0, "status": "success", "trigger": "manual"}
+    with bare_engine.begin() as connection:
+        account_id = connection.execute(
+            insert(models.accounts).values(account)
+        ).inserted_primary_key[0]
+        run_id = connection.execute(insert(models.sync_runs).values(run)).inserted_primary_key[0]
+        payload = {"account_id": account_id, "run_id": run_id, "fetched_at": T1}
+        payload |= {"api_version": 1, "sha256": "a" * 64, "body": '{"badges": ["é"]}'}
+        connection.execute(insert(models.raw_payloads).values(payload))
+
+    db.upgrade(bare_engine)
+    with bare_engine.begin() as connection:
+        (before,) = connection.execute(select(models.raw_payloads)).mappings().all()
+        connection.execute(
+            insert(models.raw_payloads).values(
+                {**payload, "sha256": "b" * 64, "unknown_paths": '["badges"]'}
+            )
+        )
+    assert before["unknown_paths"] is None
+    assert (before["sha256"], before["body"]) == (payload["sha256"], payload["body"])
+
+    db.downgrade(bare_engine, BEFORE_UNKNOWN_PATHS)
+    with bare_engine.connect() as connection:
+        kept = connection.execute(text("SELECT sha256, body FROM raw_payloads ORDER BY id")).all()
+    assert [tuple(row) for row in kept] == [
+        ("a" * 64, payload["body"]),
+        ("b" * 64, payload["body"]),
+    ]
+    assert "unknown_paths" not in {
+        c["name"] for c in inspect(bare_engine).get_columns("raw_payloads")
+    }

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from etl import models
 from etl.client import Fetched, TraktClient
 from etl.config import AccountConfig, Config
-from etl.fakeapi import FakeTrakt, Fault, password_for
+from etl.fakeapi import DEFAULT_API_KEY, FakeTrakt, Fault, password_for, sha1_hex
+from etl.logs import configure_logging
 from etl.sync import RunSummary, Syncer
 from tests.conftest import ConfigFactory, json_logs
 
 pytestmark = pytest.mark.integration
 
 HISTORY = ("profile_history", "connection_history", "sharing_text_history")
+# The column that tells an account's rows of a history table apart (one profile an account).
+HISTORY_KEY = {
+    "profile_history": None,
+    "connection_history": "network",
+    "sharing_text_history": "action",
+}
 
 
 def sync(engine: Engine, config: Config, **kwargs: Any) -> RunSummary:
@@ -46,6 +56,29 @@ def rows(engine: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
 
 def history_counts(engine: Engine) -> dict[str, int]:
     return {table: count(engine, table) for table in (*HISTORY, "change_events")}
+
+
+def versions(engine: Engine, name: str) -> list[dict[str, Any]]:
+    """Every row of a history table as typed values (aware datetimes on every database), with
+    its account's username as `account` and its key (network, action; None for a profile)."""
+    table, key = models.metadata.tables[name], HISTORY_KEY[name]
+    query = (
+        select(table, models.accounts.c.username.label("account"))
+        .join(models.accounts, models.accounts.c.id == table.c.account_id)
+        .order_by(table.c.id)
+    )
+    with engine.connect() as connection:
+        found = [dict(row) for row in connection.execute(query).mappings()]
+    return [{**row, "key": row[key] if key else None} for row in found]
+
+
+def current_ids(engine: Engine) -> dict[str, dict[tuple[str, str | None], int]]:
+    """Per history table, the id of each (account, key)'s current row."""
+    found: dict[str, dict[tuple[str, str | None], int]] = {}
+    for name in HISTORY:
+        current = [v for v in versions(engine, name) if v["valid_to"] is None]
+        found[name] = {(v["account"], v["key"]): v["id"] for v in current}
+    return found
 
 
 @pytest.fixture
@@ -137,6 +170,7 @@ def test_third_sync_after_five_changes__replaces_exactly_those_rows(
     old_twitter = fake_api.settings(fifty[1])["connections"]["twitter"]["share_tv"]
     change_five(fake_api, fifty)
     before = history_counts(engine)
+    current_before = current_ids(engine)
 
     with json_logs() as logs:
         third = sync(engine, config)
@@ -174,23 +208,18 @@ def test_third_sync_after_five_changes__replaces_exactly_those_rows(
         == 0
     )
 
-    closed = rows(
+    assert_replaced_exactly(
         engine,
-        "SELECT account_id, network, valid_to FROM connection_history WHERE valid_to IS NOT NULL",
+        third.run_id,
+        current_before,
+        replaced={
+            "profile_history": {(fifty[0], None)},
+            "connection_history": {(fifty[1], "twitter")},
+            "sharing_text_history": {(fifty[3], "watched")},
+        },
+        removed={(fifty[2], "facebook")},
+        added={(fifty[4], "path")},
     )
-    assert len(closed) == 2
-    for row in closed:
-        successor = rows(
-            engine,
-            "SELECT valid_from FROM connection_history WHERE account_id = :a AND network = :n "
-            "AND valid_to IS NULL",
-            a=row["account_id"],
-            n=row["network"],
-        )
-        if row["network"] == "twitter":
-            assert successor[0]["valid_from"] == row["valid_to"]  # contiguous
-        else:
-            assert successor == []  # removed: closed with no successor
 
     logged = [e for e in logs if e["event"] == "account.changed"]
     assert len(logged) == 5
@@ -203,6 +232,46 @@ def test_third_sync_after_five_changes__replaces_exactly_those_rows(
         (e["username"], e["entity"], e["entity_key"], e["field"], e["change"]) for e in events
     }
     assert third.counts.changed == 5
+
+
+def assert_replaced_exactly(
+    engine: Engine,
+    run_id: int,
+    current_before: dict[str, dict[tuple[str, str | None], int]],
+    *,
+    replaced: dict[str, set[tuple[str, str | None]]],
+    removed: set[tuple[str, str | None]],
+    added: set[tuple[str, str | None]],
+) -> None:
+    """Guarantee 3 and nothing more, on every history table: the run closed exactly the rows
+    that were current for the replaced and removed keys (the connection table holds the removed
+    and added ones), each at the run's `as_of`; each replaced row's valid_to is its successor's
+    valid_from; the run's new rows are exactly those successors and the added rows."""
+    with engine.connect() as connection:
+        as_of = connection.execute(
+            select(models.sync_runs.c.started_at).where(models.sync_runs.c.id == run_id)
+        ).scalar_one()  # a run's clock reading: every row it opens or closes carries it
+    for name in HISTORY:
+        gone = removed if name == "connection_history" else set()
+        new = added if name == "connection_history" else set()
+        rows_now = versions(engine, name)
+        closed = [v for v in rows_now if v["valid_to"] is not None]
+        # The first two syncs closed nothing, so every closed row is this run's doing.
+        assert sorted(v["id"] for v in closed) == sorted(
+            current_before[name][key] for key in replaced[name] | gone
+        ), name
+        opened = {(v["account"], v["key"]): v for v in rows_now if v["run_id"] == run_id}
+        assert set(opened) == replaced[name] | new, name
+        for old in closed:
+            key = (old["account"], old["key"])
+            assert old["valid_to"] == as_of, (name, key)
+            if key in gone:
+                assert key not in opened, (name, key)  # removed: closed with no successor
+                continue
+            successor = opened[key]
+            assert successor["valid_to"] is None, (name, key)
+            assert successor["valid_from"] == old["valid_to"], (name, key)  # contiguous
+            assert successor["row_hash"] != old["row_hash"], (name, key)
 
 
 def test_profile_change__valid_to_equals_successor_valid_from(
@@ -363,26 +432,72 @@ def test_bad_payload__fails_as_invalid_response_naming_the_field(
     assert count(engine, "raw_payloads") == 0
 
 
+def add_unknown_fields(fake: FakeTrakt, user: str) -> None:
+    """Fields the normalizer does not know: one inside a section, one at the top."""
+    settings = fake.settings(user)
+    settings["profile"]["pronouns"] = "they/them"
+    settings["badges"] = ["early"]
+    fake.set_payload(user, settings)
+
+
+def drift_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "schema.drift"]
+
+
 def test_unknown_fields__are_accepted_kept_and_reported_once(
     engine: Engine, make_config: ConfigFactory, fake_api: FakeTrakt
 ) -> None:
     """Guarantee 7: extra fields sync, stay in raw_payloads, and log one schema.drift per run."""
     for user in ("justin", "sean"):
         fake_api.add_account(user)
-        settings = fake_api.settings(user)
-        settings["profile"]["pronouns"] = "they/them"
-        settings["badges"] = ["early"]
-        fake_api.set_payload(user, settings)
+        add_unknown_fields(fake_api, user)
 
     with json_logs() as logs:
         summary = sync(engine, make_config(["justin", "sean"]))
 
     assert summary.status == "success"
-    drift = [e for e in logs if e["event"] == "schema.drift"]
+    drift = drift_events(logs)
     assert len(drift) == 1
     assert drift[0]["paths"] == ["badges", "profile.pronouns"]
-    bodies = [json.loads(r["body"]) for r in rows(engine, "SELECT body FROM raw_payloads")]
-    assert all(b["profile"]["pronouns"] == "they/them" for b in bodies)
+    assert drift[0]["run_id"] == summary.run_id
+    stored = rows(engine, "SELECT body, unknown_paths FROM raw_payloads")
+    assert all(json.loads(r["body"])["profile"]["pronouns"] == "they/them" for r in stored)
+    assert [json.loads(r["unknown_paths"]) for r in stored] == [["badges", "profile.pronouns"]] * 2
+
+
+def test_unknown_fields__are_reported_by_every_run_that_receives_them(
+    engine: Engine, make_config: ConfigFactory, fake_api: FakeTrakt
+) -> None:
+    """An unchanged body is not decoded again, yet its unknown fields are reported again (the
+    paths stored with it come with the claim); runs where no account drifts report none."""
+    fake_api.add_account("justin")
+    fake_api.add_account("sean")
+    add_unknown_fields(fake_api, "justin")
+    config = make_config(["justin", "sean"])
+
+    reported = []
+    for _ in range(2):  # the first run stores the body, the second gets it unchanged
+        with json_logs() as logs:
+            summary = sync(engine, config)
+        assert [e["paths"] for e in drift_events(logs)] == [["badges", "profile.pronouns"]]
+        assert drift_events(logs)[0]["run_id"] == summary.run_id
+        reported.append(summary)
+    assert count(engine, "raw_payloads") == 2  # the second run took the unchanged short-cut
+    assert reported[1].counts.changed == 0
+
+    with json_logs() as logs:
+        sync(engine, config, only=["sean"])  # an account that never drifted
+    assert drift_events(logs) == []
+
+    settings = fake_api.settings("justin")
+    del settings["profile"]["pronouns"], settings["badges"]
+    fake_api.set_payload("justin", settings)
+    for _ in range(2):  # the known fields only: a new body, then the same body unchanged
+        with json_logs() as logs:
+            sync(engine, config)
+        assert drift_events(logs) == []
+    latest = rows(engine, "SELECT unknown_paths FROM raw_payloads ORDER BY id DESC")[0]
+    assert latest["unknown_paths"] is None
 
 
 def test_raw_payload__stored_again_only_when_the_body_changes(
@@ -468,28 +583,63 @@ def test_database_rejects_a_naive_timestamp(engine: Engine) -> None:
 
 
 class _BuggyClient(TraktClient):
-    """Stands in for a bug inside the client: it raises with the password in the message."""
+    """Stands in for a bug inside the client: it raises with every secret of the request in the
+    message (the password, its SHA-1 hex, the URL with the api key in its path)."""
 
     def fetch(
         self, account: AccountConfig, version: int, known_sha256: str | None = None
     ) -> Fetched:
         if account.username == "justin":
-            secret = account.password
-            raise RuntimeError(f"unexpected state for password={secret}")
+            secret = account.password or ""
+            url = f"{self._api.base_url}/account/settings/{self._api.api_key}"
+            raise RuntimeError(
+                f"unexpected state for password={secret} sha1={sha1_hex(secret)} at {url}"
+            )
         return super().fetch(account, version, known_sha256)
+
+
+@contextmanager
+def logs_as_the_command_configures_them(config: Config) -> Iterator[list[dict[str, Any]]]:
+    """`json_logs`, with the config's global secrets (the api key) given to the logging, as
+    `trakt-etl` does (etl.cli): an account's own secrets are masked by the context it is
+    fetched in, the global ones by the logging configuration."""
+    stream = io.StringIO()
+    events: list[dict[str, Any]] = []
+    configure_logging(format="json", level="debug", stream=stream, secrets=config.global_secrets())
+    try:
+        yield events
+    finally:
+        events.extend(json.loads(line) for line in stream.getvalue().splitlines() if line)
+        configure_logging(format="json", level="debug")
+
+
+def dump_database(engine: Engine) -> str:
+    """Every column of every row of every table and view, as text to search."""
+    inspector = inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    names = [*inspector.get_table_names(), *inspector.get_view_names()]
+    assert {"accounts", "account_syncs", "raw_payloads", "profiles_current"} <= set(names)
+    lines = []
+    with engine.connect() as connection:
+        for name in names:
+            for row in connection.execute(text(f"SELECT * FROM {quote(name)}")):
+                lines.append(f"{name}: {' | '.join(map(str, row))}")
+    return "\n".join(lines)
 
 
 def test_bug_inside_the_client__fails_one_account_and_leaks_no_secret(
     engine: Engine, make_config: ConfigFactory, fake_api: FakeTrakt
 ) -> None:
-    """An unexpected exception fails that account as `internal`; secrets stay out of everything."""
+    """An unexpected exception fails that account as `internal`; secrets stay out of everything:
+    the captured logs and every column of every row of every table."""
     fake_api.add_account("justin")
     fake_api.add_account("sean")
     config = make_config(["justin", "sean"])
     client = _BuggyClient(config.api)
 
-    with json_logs() as logs:
+    with logs_as_the_command_configures_them(config) as logs:
         summary = Syncer(engine, config, client).run()
+    client.close()
 
     assert (summary.counts.failed, summary.counts.succeeded) == (1, 1)
     failure = rows(
@@ -502,4 +652,15 @@ def test_bug_inside_the_client__fails_one_account_and_leaks_no_secret(
     assert internal[0]["username"] == "justin"
     assert internal[0]["exception"][0]["exc_type"] == "RuntimeError"  # the traceback is logged
     assert "locals" not in json.dumps(internal[0]["exception"][0]["frames"])
-    assert password_for("justin") not in json.dumps(logs) + json.dumps(failure)
+
+    secrets = {DEFAULT_API_KEY} | {
+        secret
+        for user in ("justin", "sean")
+        for secret in (password_for(user), sha1_hex(password_for(user)))
+    }
+    logged = json.dumps(logs, ensure_ascii=False)
+    stored = dump_database(engine)
+    assert count(engine, "raw_payloads") == 1  # sean's body is in the dump too
+    for where, found in (("logs", logged), ("tables", stored)):
+        leaked = sorted(s for s in secrets if s.lower() in found.lower())
+        assert leaked == [], f"secrets found in the {where}"
