@@ -4,6 +4,11 @@ Every process that syncs registers a worker row and refreshes its heartbeat (and
 running run) every few seconds. A run left `running` is dead when its process is gone: on this
 host its pid no longer exists; anywhere, its heartbeat is older than `stale_after_s`. Only dead
 runs are ever marked `aborted`, so a second process never aborts a run that is still going.
+
+"This host" is the name a worker records: `$TRAKT_ETL_WORKER_HOST` if set (containers get random
+host names; operators want stable ones), else the host name. Processes that record the same name
+must see each other's pids (one machine, one pid namespace): that is how a worker judges a peer
+on its own host dead at once, instead of after `stale_after_s`.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl import __version__, claims, runs
@@ -24,7 +29,17 @@ from etl.runs import RunStatus
 
 log = structlog.get_logger("etl.liveness")
 
-HOST = socket.gethostname()
+WORKER_HOST_ENV = "TRAKT_ETL_WORKER_HOST"
+HOST_MAX_LENGTH = 255  # workers.host, sync_runs.host
+
+
+def worker_host(environ: Mapping[str, str]) -> str:
+    """The host name this process records: `$TRAKT_ETL_WORKER_HOST`, else the machine's."""
+    chosen = environ.get(WORKER_HOST_ENV, "").strip()
+    return (chosen or socket.gethostname())[:HOST_MAX_LENGTH]
+
+
+HOST = worker_host(os.environ)  # read once: a worker keeps its name for its whole life
 DEFAULT_HEARTBEAT_S = 15.0
 
 
@@ -91,17 +106,23 @@ def retire_worker(connection: Connection, worker_id: int, now: datetime) -> None
 
 
 def dead_runs(connection: Connection, now: datetime, *, stale_after_s: float) -> list[int]:
-    """Runs marked `running` whose process is gone."""
+    """Runs marked `running` whose process is gone.
+
+    A run is judged by its worker's host and pid where it has a worker: that row holds the name
+    the process chose for itself (`HOST`), which is what the other workers compare with theirs.
+    """
     stale_before = now - timedelta(seconds=stale_after_s)
     dead: list[int] = []
     rows = connection.execute(
         select(
             sync_runs.c.id,
-            sync_runs.c.host,
-            sync_runs.c.pid,
+            func.coalesce(workers.c.host, sync_runs.c.host).label("host"),
+            func.coalesce(workers.c.pid, sync_runs.c.pid).label("pid"),
             sync_runs.c.started_at,
             sync_runs.c.heartbeat_at,
-        ).where(sync_runs.c.status == RunStatus.RUNNING)
+        )
+        .select_from(sync_runs.outerjoin(workers, workers.c.id == sync_runs.c.worker_id))
+        .where(sync_runs.c.status == RunStatus.RUNNING)
     )
     for row in rows:
         last_seen = row.heartbeat_at or row.started_at
