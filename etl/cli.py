@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import __version__, db, liveness
 from etl.client import TraktClient
 from etl.config import Config, load_config, resolve_config_path
+from etl.control import DatabaseWatchdog, shutdown_bound_s
 from etl.dblock import ProcessLock, lock_path_for
 from etl.errors import DatabaseError, ExitCode, TraktEtlError, exit_code_for
 from etl.logs import LEVELS, choose_format, configure_logging
@@ -206,14 +208,23 @@ def _sync(args: argparse.Namespace, config: Config, engine: Engine) -> ExitCode:
         heartbeat = liveness.Heartbeat(engine, worker_id, interval_s=heartbeat_s, clock=utc_now)
         heartbeat.start()
         try:
-            summary = Syncer(
-                engine,
-                config,
-                client,
-                control=control,
-                worker_id=worker_id,
-                stale_after_s=liveness.stale_after(heartbeat_s),
-            ).run(trigger="manual", only=args.account)
+            # A signal must end the run within the bound even if a statement hangs on a lock.
+            with (
+                db.track_run_connections(engine) as connections,
+                DatabaseWatchdog(
+                    control,
+                    connections.cancel,
+                    stop_grace_s=shutdown_bound_s(config.api.timeout_s) / 2,
+                ),
+            ):
+                summary = Syncer(
+                    engine,
+                    config,
+                    client,
+                    control=control,
+                    worker_id=worker_id,
+                    stale_after_s=liveness.stale_after(heartbeat_s),
+                ).run(trigger="manual", only=args.account)
         finally:
             heartbeat.stop()
             with engine.begin() as connection:
@@ -375,19 +386,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("command.interrupted", command=args.command)
         code = 130
-    _exit_past_abandoned_fetches(code)
+    _exit_past_stuck_threads(code)
     return code
 
 
-def _exit_past_abandoned_fetches(code: int) -> None:
-    """A stopped run abandons its fetches in flight; do not wait out their request timeouts.
+# Threads still finishing (a scheduler's idle pool) get this long to end before the process
+# leaves without them.
+THREADS_GRACE_S = 2.0
 
-    Everything that matters is committed and logged by now; only those threads are left.
+
+def _exit_past_stuck_threads(code: int) -> None:
+    """Leave now, whatever threads are left, instead of letting Python join them at exit.
+
+    A stopped run abandons its fetches in flight: do not wait out their request timeouts. A run
+    stuck in the database past the daemon's shutdown bound (the server gone, its cancel unheard)
+    holds a scheduler pool thread that Python would join forever. Everything that matters is
+    committed and logged by now; only such threads are left.
     """
-    if any(t.name.startswith("fetch") and t.is_alive() for t in threading.enumerate()):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    others = [t for t in _joined_at_exit() if t.is_alive()]
+    if not others:
+        return
+    if not any(t.name.startswith("fetch") for t in others):
+        until = time.monotonic() + THREADS_GRACE_S
+        for thread in others:
+            thread.join(max(0.0, until - time.monotonic()))
+        if not any(t.is_alive() for t in others):
+            return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _joined_at_exit() -> list[threading.Thread]:
+    """The threads Python waits for at exit: non-daemon ones, and every thread of a
+    concurrent.futures pool (fetch threads, APScheduler's), daemon or not."""
+    from concurrent.futures import thread as futures_thread
+
+    pooled = set(getattr(futures_thread, "_threads_queues", {}))
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main and (not t.daemon or t in pooled)]
 
 
 if __name__ == "__main__":

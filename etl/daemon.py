@@ -2,11 +2,12 @@
 
 APScheduler 3 fires the runs (interval or cron, with jitter); at most one runs at a time, late
 firings are coalesced, and a firing later than the misfire grace is skipped with a warning. Each
-run has a deadline: when it passes, the run stops claiming accounts, abandons fetches in flight
-and is closed `aborted`, so a hung request or lock cannot block the schedule. SIGTERM/SIGINT
-stop the daemon the same way and exit 0; SIGHUP reloads the config (an invalid one is logged and
-the old one kept). A heartbeat job proves the scheduler alive, in the `workers` table and on the
-optional /healthz.
+run has a deadline: when it passes, the run stops claiming accounts, abandons fetches in flight,
+has its statements still going in the database cancelled, and is closed `aborted`, so a hung
+request or lock cannot block the schedule. SIGTERM/SIGINT stop the daemon the same way and exit
+0; SIGHUP reloads the config (an invalid one is logged and the old one kept; settings that need
+a restart are kept, with a warning). A heartbeat job proves the scheduler alive, in the
+`workers` table and on the optional /healthz.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import db, liveness
 from etl.client import TraktClient
 from etl.config import Config, ScheduleConfig
+from etl.control import DatabaseWatchdog, shutdown_bound_s
 from etl.errors import ConfigError, ExitCode, TraktEtlError
 from etl.health import HealthServer
 from etl.ratelimit import RequestGate
@@ -47,8 +49,14 @@ log = structlog.get_logger("etl.daemon")
 ConfigLoader = Callable[[], Config]
 SYNC_JOB = "sync"
 HEARTBEAT_JOB = "heartbeat"
-# How long shutdown waits for the run in progress to commit its account and close.
-MIN_SHUTDOWN_S = 30.0
+# Settings a running daemon cannot take from a reload: the database its lock, worker row and
+# runs live in, the port it listens on, the heartbeat other workers judge it by.
+RESTART_KEYS: tuple[tuple[str, str], ...] = (
+    ("database", "url"),
+    ("schedule", "healthz_host"),
+    ("schedule", "healthz_port"),
+    ("schedule", "heartbeat_s"),
+)
 
 
 def trigger_for(schedule: ScheduleConfig) -> Any:
@@ -67,6 +75,16 @@ def schedule_period_s(schedule: ScheduleConfig) -> float:
     return schedule.period_s()
 
 
+def _trigger_settings(schedule: ScheduleConfig) -> tuple[str | None, str | None, float]:
+    """What `trigger_for` is made of."""
+    return schedule.interval, schedule.cron, schedule.jitter_s
+
+
+def _grace_time(schedule: ScheduleConfig) -> int:
+    """APScheduler's misfire_grace_time: whole seconds, at least one."""
+    return max(1, round(misfire_grace_s(schedule)))
+
+
 def run_timeout_s(schedule: ScheduleConfig) -> float:
     return schedule.run_timeout_s or schedule_period_s(schedule)
 
@@ -80,6 +98,20 @@ def _sleep_unless_stopped(control: RunControl, seconds: float) -> None:
     control.stop.wait(seconds)
 
 
+def split_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config a reload puts in force, and the changed keys that need a restart: those keep
+    their old values (`RESTART_KEYS`); everything else applies from the next run."""
+    kept: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, key in RESTART_KEYS:
+        before, after = getattr(old, section), getattr(new, section)
+        if getattr(before, key) != getattr(after, key):
+            kept.append(f"{section}.{key}")
+            current = sections.get(section, after)
+            sections[section] = current.model_copy(update={key: getattr(before, key)})
+    return (new.model_copy(update=sections) if sections else new), kept
+
+
 class Daemon:
     """The long-running process; `serve()` blocks until a stop signal and returns the exit code."""
 
@@ -91,12 +123,14 @@ class Daemon:
         on_reload: Callable[[Config], None] = lambda _config: None,
         initial_run: bool = True,
         clock: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._load_config = load_config
         self._on_reload = on_reload
         self._initial_run = initial_run
         self._clock = clock
+        self._monotonic = monotonic
         self._engine: Engine = db.make_engine(config.database.url)
         self._stopping = threading.Event()
         self._reload_requested = threading.Event()
@@ -104,7 +138,7 @@ class Daemon:
         self._current: RunControl | None = None
         self._idle = threading.Event()
         self._idle.set()
-        self._last_tick = time.monotonic()
+        self._last_tick = monotonic()
         self._worker_id: int | None = None
         self._scheduler = BackgroundScheduler(timezone=UTC)
         # Its skipped/missed warnings are logged by our listener, with reasons; keep its errors.
@@ -158,7 +192,8 @@ class Daemon:
     def _shutdown(self) -> None:
         log.info("daemon.stopping", run_in_progress=not self._idle.is_set())
         self._scheduler.shutdown(wait=False)
-        bound = max(MIN_SHUTDOWN_S, self._config.api.timeout_s)
+        # The run's watchdog cancels what is stuck in the database half-way through the bound.
+        bound = shutdown_bound_s(self._config.api.timeout_s)
         if not self._idle.wait(bound):
             log.error("daemon.stop_timeout", waited_s=bound)
         if self._health:
@@ -187,7 +222,7 @@ class Daemon:
             id=SYNC_JOB,
             max_instances=1,
             coalesce=True,
-            misfire_grace_time=max(1, round(misfire_grace_s(schedule))),
+            misfire_grace_time=_grace_time(schedule),
             **first,
         )
         heartbeat = schedule.heartbeat_s
@@ -223,7 +258,7 @@ class Daemon:
 
     def _tick(self) -> None:
         """The heartbeat: proves the scheduler fires jobs, and says so in the database."""
-        self._last_tick = time.monotonic()
+        self._last_tick = self._monotonic()
         if self._worker_id is None and not self._register():
             return
         assert self._worker_id is not None
@@ -274,20 +309,15 @@ class Daemon:
             sleep=lambda seconds: _sleep_unless_stopped(control, seconds),
         )
         try:
-            if self._worker_id is None and not self._register():
-                log.error("run.failed", error="the database is unavailable; trying next time")
-                return
-            db.ensure_schema(self._engine, auto_migrate=config.database.auto_migrate)
-            syncer = Syncer(
-                self._engine,
-                config,
-                client,
-                clock=self._clock,
-                control=control,
-                worker_id=self._worker_id,
-                stale_after_s=liveness.stale_after(config.schedule.heartbeat_s),
-            )
-            syncer.run(trigger="schedule")
+            with (
+                db.track_run_connections(self._engine) as connections,
+                DatabaseWatchdog(
+                    control,
+                    connections.cancel,
+                    stop_grace_s=shutdown_bound_s(config.api.timeout_s) / 2,
+                ),
+            ):
+                self._sync(config, control, client)
         except TraktEtlError as exc:
             # The database went away, say: this run is lost, the schedule goes on.
             log.error("run.failed", error=str(exc))
@@ -299,26 +329,55 @@ class Daemon:
                 self._current = None
                 self._idle.set()
 
+    def _sync(self, config: Config, control: RunControl, client: TraktClient) -> None:
+        """One run, its database statements tracked so that the watchdog can cancel them."""
+        if self._worker_id is None and not self._register():
+            log.error("run.failed", error="the database is unavailable; trying next time")
+            return
+        db.ensure_schema(self._engine, auto_migrate=config.database.auto_migrate)
+        syncer = Syncer(
+            self._engine,
+            config,
+            client,
+            clock=self._clock,
+            control=control,
+            worker_id=self._worker_id,
+            stale_after_s=liveness.stale_after(config.schedule.heartbeat_s),
+        )
+        syncer.run(trigger="schedule")
+
     # --- reload and health ---------------------------------------------------------------------
 
     def _reload(self) -> None:
+        """Accounts, api settings, the run timeout apply from the next run (each run reads the
+        config it starts with); the trigger and misfire grace are changed on the job here."""
         try:
-            config = self._load_config()
+            loaded = self._load_config()
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept="the previous config")
             return
         old = self._config
+        config, kept = split_reload(old, loaded)
         self._config = config
         self._on_reload(config)
-        if config.database.url != old.database.url:
-            self._engine = db.make_engine(config.database.url)
-            self._worker_id = None  # registers in the new database at the next tick
-        if config.schedule != old.schedule:
-            self._scheduler.reschedule_job(SYNC_JOB, trigger=trigger_for(config.schedule))
+        if kept:
+            log.warning(
+                "config.reload_partial",
+                keys=kept,
+                kept="the running values, until the daemon is restarted",
+            )
+        before, after = old.schedule, config.schedule
+        if _trigger_settings(before) != _trigger_settings(after):
+            # Only on a change: rescheduling computes the next run time afresh.
+            self._scheduler.reschedule_job(SYNC_JOB, trigger=trigger_for(after))
+        if misfire_grace_s(before) != misfire_grace_s(after):
+            self._scheduler.modify_job(SYNC_JOB, misfire_grace_time=_grace_time(after))
         log.info(
             "config.reloaded",
             accounts=len(config.enabled_accounts()),
-            schedule_changed=config.schedule != old.schedule,
+            schedule_changed=before != after,
+            run_timeout_s=run_timeout_s(after),
+            misfire_grace_s=misfire_grace_s(after),
         )
 
     def _start_health(self) -> None:
@@ -331,13 +390,14 @@ class Daemon:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy while the heartbeat job fires and no run overstays its deadline."""
         schedule = self._config.schedule
-        age = time.monotonic() - self._last_tick
+        now = self._monotonic()
+        age = now - self._last_tick
         with self._lock:
             current = self._current
         overdue = (
             current is not None
             and current.deadline is not None
-            and time.monotonic() > current.deadline + 2 * schedule.heartbeat_s
+            and now > current.deadline + 2 * schedule.heartbeat_s
         )
         healthy = age < 3 * schedule.heartbeat_s and not overdue and not self._stopping.is_set()
         return healthy, {

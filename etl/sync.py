@@ -141,7 +141,14 @@ class Syncer:
         with structlog.contextvars.bound_contextvars(run_id=run_id):
             log.info("run.started", accounts=expected, trigger=trigger)
             tally = Tally()
-            self._fetch_and_write(run_id, expected, plan, tally)
+            try:
+                self._fetch_and_write(run_id, expected, plan, tally)
+            except DatabaseError as exc:
+                # Past its deadline or stop, the run's stuck statements are cancelled
+                # (etl.control.DatabaseWatchdog): the run ends early, it is closed below.
+                if self._control.reason() is None:
+                    raise
+                log.warning("run.write_cancelled", error=str(exc))
             left = len(plan.unwritten)
             stopped = self._control.reason()
             self._release(plan)

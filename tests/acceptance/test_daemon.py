@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import IO, Any, TypeVar
 
 import pytest
 import yaml
-from sqlalchemy import Engine, make_url, select, text
+from sqlalchemy import Connection, Engine, make_url, select, text
 
 from etl import db
 from etl.fakeapi import DEFAULT_API_KEY, FakeTrakt, Fault, password_for
@@ -270,6 +272,43 @@ def assert_history_guarantees(engine: Engine) -> None:
             )
         ).all()
         assert not_one == [], f"accounts without exactly one current profile row: {not_one}"
+
+
+def healthz(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
+    """GET the daemon's health endpoint: the status and the JSON body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+@contextmanager
+def table_locked(url: str, table: str) -> Iterator[Connection]:
+    """Hold `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE` (PostgreSQL) in an open transaction until
+    the block ends, or until the caller rolls the yielded connection back."""
+    with engine_for(url) as engine, engine.connect() as connection:
+        connection.begin()
+        connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield connection
+        finally:
+            connection.rollback()
+
+
+def lock_waiters(engine: Engine, table: str) -> int:
+    """Sessions waiting for a lock on `table` right now (PostgreSQL)."""
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(
+                    "SELECT COUNT(*) FROM pg_locks "
+                    "WHERE NOT granted AND relation = CAST(:t AS regclass)"
+                ),
+                {"t": table},
+            ).scalar_one()
+        )
 
 
 class TcpProxy:
@@ -704,3 +743,176 @@ def test_hung_request__run_ends_at_its_deadline_and_the_next_starts_on_time(
     assert second.status == "success"
     assert 0 < (second.started_at - first.started_at).total_seconds() <= 4 + 2
     assert second.started_at >= first.finished_at
+
+
+@pytest.mark.postgres
+def test_postgres_lock_wait__run_ends_at_its_deadline_and_the_next_succeeds(
+    tmp_path: Path, fake_api: FakeTrakt, postgres_url: str
+) -> None:
+    """A write stuck on a table lock is cancelled at the run deadline: the run is closed
+    `aborted` naming the deadline, no account is half-written, /healthz stays 200, and once the
+    lock is gone the next scheduled run, on time, writes everything."""
+    users = fake_api.add_generated(3)
+    data = daemon_config(
+        fake_api,
+        postgres_url,
+        users,
+        schedule={"interval": "3s", "run_timeout_s": 1.5, "healthz_port": 0},
+    )
+    config = write_config(tmp_path / "config.yaml", data)
+
+    with daemon(config, tmp_path / "daemon.jsonl") as process:
+        port = process.wait_event("daemon.started")["healthz_port"]
+        first = process.wait_event("run.finished", timeout=30)
+        assert first["status"] == "success"
+        assert healthz(port)[0] == 200
+        for user in users:  # new bodies: the next run must write history
+            fake_api.set_profile(user, location="Moved")
+        with table_locked(postgres_url, "profile_history"):
+            stuck = process.wait_event("run.finished", after=first["_n"], timeout=15)
+            health_while_locked = healthz(port)
+        following = process.wait_event("run.finished", after=stuck["_n"], timeout=15)
+        cancelled = process.events("run.cancelling_statements")
+        assert process.alive()
+        assert process.stop() == 0
+
+    assert stuck["status"] == "aborted"
+    assert health_while_locked[0] == 200, health_while_locked
+    assert cancelled, "the stuck statement was never cancelled"
+    assert cancelled[0]["connections"] >= 1
+    assert "deadline" in cancelled[0]["reason"]
+    assert (following["status"], following["succeeded"]) == ("success", len(users))
+    with engine_for(postgres_url) as engine:
+        runs = runs_by_id(engine)
+        aborted, after = runs[stuck["run_id"]], runs[following["run_id"]]
+        assert "deadline of 1.5s passed" in aborted.error
+        assert "3 accounts left as they were" in aborted.error
+        assert (aborted.finished_at - aborted.started_at).total_seconds() < 1.5 + 1.5
+        assert_run_atomic(engine, stuck["run_id"])
+        assert_history_guarantees(engine)
+        # The next run started on schedule, one interval after the stuck one.
+        assert 0 < (after.started_at - aborted.started_at).total_seconds() <= 3 + 1
+        with engine.connect() as connection:
+            locations = set(
+                connection.execute(text("SELECT location FROM profiles_current")).scalars()
+            )
+            in_stuck_run = connection.execute(
+                text("SELECT COUNT(*) FROM account_syncs WHERE run_id = :r"),
+                {"r": stuck["run_id"]},
+            ).scalar_one()
+    assert in_stuck_run == 0
+    assert locations == {"Moved"}
+
+
+@pytest.mark.postgres
+def test_sigterm_while_stuck_on_a_lock__exits_0_within_the_bound_with_the_run_closed(
+    tmp_path: Path, fake_api: FakeTrakt, postgres_url: str
+) -> None:
+    """SIGTERM while the run's write waits on a lock its deadline is far from ending: the write
+    gets half the 30 s bound to commit, is then cancelled, the run is closed `aborted` and the
+    process exits 0 within the bound; /healthz says 503 meanwhile."""
+    users = fake_api.add_generated(3)
+    data = daemon_config(
+        fake_api,
+        postgres_url,
+        users,
+        schedule={"interval": "2s", "run_timeout_s": 120, "healthz_port": 0},
+    )
+    config = write_config(tmp_path / "config.yaml", data)
+
+    with daemon(config, tmp_path / "daemon.jsonl") as process:
+        port = process.wait_event("daemon.started")["healthz_port"]
+        first = process.wait_event("run.finished", timeout=30)
+        for user in users:
+            fake_api.set_profile(user, location="Moved")
+        with engine_for(postgres_url) as engine, table_locked(postgres_url, "profile_history"):
+            stuck = process.wait_event("run.started", after=first["_n"], timeout=10)
+            process.wait_for(
+                "the run's write to wait on the lock",
+                lambda: lock_waiters(engine, "profile_history"),
+                timeout=10,
+            )
+            signalled = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            health = process.wait_for(
+                "/healthz to answer 503", lambda: (h := healthz(port))[0] == 503 and h, timeout=5
+            )
+            code = process.proc.wait(timeout=40)
+            took = time.monotonic() - signalled
+        finished = process.events("run.finished")
+
+    assert code == 0
+    assert 15 <= took < 30, f"exit took {took:.1f}s: the write gets 15 s, the exit 30 s at most"
+    assert health[1]["status"] == "stale"
+    assert [e["run_id"] for e in finished] == [first["run_id"], stuck["run_id"]]
+    assert finished[-1]["status"] == "aborted"
+    with engine_for(postgres_url) as engine:
+        run = runs_by_id(engine)[stuck["run_id"]]
+        assert run.status == "aborted"
+        assert run.finished_at is not None
+        assert "SIGTERM" in run.error
+        assert_run_atomic(engine, stuck["run_id"])
+        assert_history_guarantees(engine)
+        with engine.connect() as connection:
+            locations = set(
+                connection.execute(text("SELECT location FROM profiles_current")).scalars()
+            )
+    assert "Moved" not in locations, "the stuck write was rolled back, its accounts wholly old"
+
+
+def test_sighup__applies_the_schedule_and_run_timeout_and_keeps_what_needs_a_restart(
+    tmp_path: Path, fake_api: FakeTrakt
+) -> None:
+    """A reload changes the interval and the run deadline from the next run; a new database,
+    health port or heartbeat is refused with a warning naming the keys, and the old ones stay."""
+    users = fake_api.add_generated(2)
+    db_url = f"sqlite:///{tmp_path / 'etl.db'}"
+    moved_db = tmp_path / "elsewhere.db"
+    schedule = {"interval": "3s", "run_timeout_s": 5, "healthz_port": 0}
+    config = write_config(
+        tmp_path / "config.yaml", daemon_config(fake_api, db_url, users, schedule=schedule)
+    )
+
+    with daemon(config, tmp_path / "daemon.jsonl") as process:
+        port = process.wait_event("daemon.started")["healthz_port"]
+        first = process.wait_event("run.finished", timeout=30)
+        edited = daemon_config(
+            fake_api,
+            f"sqlite:///{moved_db}",
+            users,
+            schedule={
+                "interval": "1s",
+                "run_timeout_s": 7,
+                "misfire_grace_s": 9,
+                "heartbeat_s": 2,
+                "healthz_port": port + 1 if port < 65535 else port - 1,
+            },
+        )
+        write_config(config, edited)
+        process.proc.send_signal(signal.SIGHUP)
+        partial = process.wait_event("config.reload_partial", after=first["_n"], timeout=10)
+        reloaded = process.wait_event("config.reloaded", after=first["_n"], timeout=10)
+        # Three runs after the reload: at a 1 s interval, well within the old 3 s.
+
+        def started_since_reload() -> list[int]:
+            started = process.events("run.started")
+            return [e["run_id"] for e in started if e["_n"] > max(partial["_n"], reloaded["_n"])]
+
+        # At a 1 s interval three runs come well within two of the old 3 s.
+        process.wait_for("three runs after the reload", lambda: len(started_since_reload()) >= 3)
+        process.wait_event("run.finished", run_id=started_since_reload()[2])
+        health = healthz(port)
+        assert process.stop() == 0
+
+    assert partial["level"] == "warning"
+    assert partial["keys"] == ["database.url", "schedule.healthz_port", "schedule.heartbeat_s"]
+    assert (reloaded["run_timeout_s"], reloaded["misfire_grace_s"]) == (7, 9)
+    assert health[0] == 200, "still served on the port it started with"
+    assert not moved_db.exists(), "the database stays the one the daemon started with"
+    with engine_for(db_url) as engine:
+        runs = runs_by_id(engine)
+    later = [runs[run_id] for run_id in started_since_reload()[:3]]
+    for run in later:
+        assert (run.deadline_at - run.started_at).total_seconds() == pytest.approx(7, abs=0.5)
+    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in itertools.pairwise(later)]
+    assert all(0.5 < gap < 1.6 for gap in gaps), gaps
