@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -218,3 +220,23 @@ def fetch_processes_of(pid: int) -> list[int]:
                 continue
     return found
 
+
+
+@contextmanager
+def engine_for(url: str) -> Iterator[Engine]:
+    """An engine made as trakt-etl makes it, disposed afterwards."""
+    engine = db.make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def healthz(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
+    """GET the daemon's health endpoint: the status and the JSON body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())

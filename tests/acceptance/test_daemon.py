@@ -16,8 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -27,9 +25,9 @@ import pytest
 import yaml
 from sqlalchemy import Connection, Engine, make_url, select, text
 
-from etl import db
 from etl.fakeapi import DEFAULT_API_KEY, FakeTrakt, Fault, password_for
 from etl.models import sync_runs
+from tests.conftest import engine_for, healthz
 
 pytestmark = pytest.mark.acceptance
 
@@ -189,15 +187,6 @@ def daemon(config: Path, log: Path) -> Iterator[DaemonProcess]:
         process.kill()
 
 
-@contextmanager
-def engine_for(url: str) -> Iterator[Engine]:
-    engine = db.make_engine(url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
 def runs_by_id(engine: Engine) -> dict[int, Any]:
     with engine.connect() as connection:
         return {row.id: row for row in connection.execute(select(sync_runs))}
@@ -272,16 +261,6 @@ def assert_history_guarantees(engine: Engine) -> None:
             )
         ).all()
         assert not_one == [], f"accounts without exactly one current profile row: {not_one}"
-
-
-def healthz(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
-    """GET the daemon's health endpoint: the status and the JSON body."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 @contextmanager

@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from etl import db
+from tests.conftest import engine_for
 
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def engine_for(url: str) -> Iterator[Engine]:
-    engine = db.make_engine(url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 class CancelSoon:

@@ -6,12 +6,8 @@ or a run overstaying its deadline takes no real waiting; the answers go through 
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -19,6 +15,7 @@ from etl.config import Config
 from etl.control import RunControl
 from etl.daemon import Daemon
 from etl.health import HealthServer
+from tests.conftest import healthz
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return time.monotonic() + self.offset
-
-
-def get(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 @pytest.fixture
@@ -71,7 +59,7 @@ def port(daemon: Daemon) -> Iterator[int]:
 
 
 def test_healthz__200_with_details_while_the_heartbeat_is_fresh(port: int) -> None:
-    status, body = get(port)
+    status, body = healthz(port)
     assert status == 200
     assert body["status"] == "ok"
     assert body["run_in_progress"] is False
@@ -82,13 +70,13 @@ def test_healthz__503_once_the_heartbeat_is_three_beats_old_and_200_after_a_beat
     daemon: Daemon, port: int, clock: Clock
 ) -> None:
     clock.offset = 3 * HEARTBEAT_S - 0.5
-    assert get(port)[0] == 200
+    assert healthz(port)[0] == 200
     clock.offset = 3 * HEARTBEAT_S + 0.5
-    status, body = get(port)
+    status, body = healthz(port)
     assert (status, body["status"]) == (503, "stale")
     assert body["heartbeat_age_s"] >= 3 * HEARTBEAT_S
     daemon._tick()  # the heartbeat job firing again (it also registers the worker)
-    status, body = get(port)
+    status, body = healthz(port)
     assert status == 200
     assert body["worker_id"] is not None
 
@@ -100,20 +88,20 @@ def test_healthz__503_once_a_run_overstays_its_deadline(
     daemon._current = RunControl(deadline_s=10)  # what _run_job sets while a run goes
     clock.offset = 10 + 2 * HEARTBEAT_S - 1
     daemon._last_tick = clock()  # the scheduler itself still beats
-    status, body = get(port)
+    status, body = healthz(port)
     assert (status, body["run_in_progress"], body["run_overdue"]) == (200, True, False)
     clock.offset = 10 + 2 * HEARTBEAT_S + 1
     daemon._last_tick = clock()
-    status, body = get(port)
+    status, body = healthz(port)
     assert (status, body["status"], body["run_overdue"]) == (503, "stale", True)
 
 
 def test_healthz__503_while_stopping(daemon: Daemon, port: int) -> None:
     """A daemon shutting down is not to be counted on; the probe must not wait for it."""
     daemon.request_stop("SIGTERM")
-    assert get(port)[0] == 503
+    assert healthz(port)[0] == 503
 
 
 def test_other_paths__404(port: int) -> None:
-    assert get(port, "/metrics")[0] == 404
-    assert get(port, "/healthz?verbose=1")[0] == 200
+    assert healthz(port, "/metrics")[0] == 404
+    assert healthz(port, "/healthz?verbose=1")[0] == 200
